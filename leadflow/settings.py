@@ -1,0 +1,386 @@
+"""Settings: one pydantic-settings model built from `leadflow.yaml` and `LEADFLOW_*` variables.
+
+Precedence, highest first: keyword arguments, the environment, the YAML file, the defaults.
+Every scalar has one environment name derived from its key path — `database.url` is
+`LEADFLOW_DATABASE_URL`, `intake.default_region` is `LEADFLOW_INTAKE_DEFAULT_REGION` — so the
+names are listed by `env_names()` rather than guessed. String values in the YAML may use
+`${VAR}` or `${VAR:-default}` (`$$` is a literal `$`).
+
+Anything wrong raises `ConfigError` whose message names the file (or variable), the key path and
+the reason in one paragraph; the CLI prints it instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterator, Mapping
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import phonenumbers
+import yaml
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+)
+from pydantic.fields import FieldInfo
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+ENV_PREFIX = "LEADFLOW_"
+DEFAULT_CONFIG_FILE = "leadflow.yaml"
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; the message is meant for a person, as it is."""
+
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)\s*$")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def _parse_duration(value: Any) -> Any:
+    """Accept '90s', '5m', '2h', '30d' besides what pydantic takes (seconds, ISO 8601)."""
+    if isinstance(value, str) and (match := _DURATION.match(value)):
+        return timedelta(seconds=float(match[1]) * _UNIT_SECONDS[match[2]])
+    return value
+
+
+Duration = Annotated[timedelta, BeforeValidator(_parse_duration)]
+
+
+class _Section(BaseModel):
+    # A typo in a key must fail loudly, not be ignored and leave the default in force.
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+class DatabaseSettings(_Section):
+    url: SecretStr | None = Field(
+        default=None,
+        description="SQLAlchemy/libpq URL of PostgreSQL; unset means the embedded server.",
+    )
+    pool_size: int = Field(default=10, ge=1, le=200)
+    connect_timeout: Duration = Field(default=timedelta(seconds=5), gt=timedelta(0))
+
+    @field_validator("url", mode="before")
+    @classmethod
+    def _blank_is_unset(cls, value: Any) -> Any:
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("url")
+    @classmethod
+    def _postgres_only(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and not value.get_secret_value().startswith(
+            ("postgresql", "postgres:")
+        ):
+            raise ValueError(
+                "must be a PostgreSQL URL such as postgresql://user@host:5432/leadflow"
+            )
+        return value
+
+
+class KafkaSettings(_Section):
+    bootstrap: str | None = Field(
+        default=None,
+        description="Comma-separated host:port list; unset means the embedded broker.",
+    )
+    client_id: str = "leadflow"
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
+    sasl_username: str | None = None
+    sasl_password: SecretStr | None = None
+    ssl_cafile: Path | None = None
+    ssl_certfile: Path | None = None
+    ssl_keyfile: Path | None = None
+    request_timeout: Duration = Field(default=timedelta(seconds=10), gt=timedelta(0))
+
+    @field_validator("bootstrap")
+    @classmethod
+    def _host_ports(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        for server in value.split(","):
+            host, _, port = server.strip().rpartition(":")
+            if not host or not port.isdigit():
+                raise ValueError(f"{server.strip()!r} is not host:port")
+        return value
+
+    def client_options(self) -> dict[str, Any]:
+        """Keyword arguments for aiokafka clients (security settings pass straight through)."""
+        options: dict[str, Any] = {
+            "bootstrap_servers": self.bootstrap,
+            "client_id": self.client_id,
+            "security_protocol": self.security_protocol,
+            "request_timeout_ms": int(self.request_timeout.total_seconds() * 1000),
+        }
+        if self.sasl_mechanism:
+            options["sasl_mechanism"] = self.sasl_mechanism
+            options["sasl_plain_username"] = self.sasl_username
+            if self.sasl_password is not None:
+                options["sasl_plain_password"] = self.sasl_password.get_secret_value()
+        if self.security_protocol in ("SSL", "SASL_SSL"):
+            from aiokafka.helpers import create_ssl_context
+
+            options["ssl_context"] = create_ssl_context(
+                cafile=str(self.ssl_cafile) if self.ssl_cafile else None,
+                certfile=str(self.ssl_certfile) if self.ssl_certfile else None,
+                keyfile=str(self.ssl_keyfile) if self.ssl_keyfile else None,
+            )
+        return options
+
+
+class TopicSettings(_Section):
+    raw: str = Field(default="leads.raw", min_length=1, max_length=249)
+    dlq: str = Field(default="leads.dlq", min_length=1, max_length=249)
+    assigned: str = Field(default="leads.assigned", min_length=1, max_length=249)
+    partitions: int = Field(default=6, ge=1, le=1024)
+    replication_factor: int = Field(default=1, ge=1, le=16)
+
+
+class IntakeSettings(_Section):
+    default_region: str = Field(
+        default="CN",
+        description="ISO 3166-1 region used to read phone numbers written without a country code.",
+    )
+    max_event_bytes: int = Field(default=64 * 1024, ge=1024, le=16 * 1024 * 1024)
+    require_consent: bool = Field(
+        default=False, description="Reject events without consent.telemarketing (consent_missing)."
+    )
+    dedup_window: Duration = Field(default=timedelta(days=30), gt=timedelta(0))
+
+    @field_validator("default_region")
+    @classmethod
+    def _known_region(cls, value: str) -> str:
+        region = value.upper()
+        if region not in phonenumbers.SUPPORTED_REGIONS:
+            raise ValueError(f"{value!r} is not a region phonenumbers knows (e.g. CN, US, GB)")
+        return region
+
+
+class WebSettings(_Section):
+    host: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=0, le=65535, description="0 picks a free port.")
+
+
+class EmbeddedSettings(_Section):
+    data_dir: Path = Field(
+        default=Path(".leadflow"),
+        description="Where `leadflow up` keeps the embedded PostgreSQL data and its runtime file.",
+    )
+    postgres_port: int = Field(default=0, ge=0, le=65535, description="0 picks a free port.")
+    kafka_port: int = Field(default=0, ge=0, le=65535, description="0 picks a free port.")
+
+
+class LogSettings(_Section):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    format: Literal["console", "json"] = "console"
+
+    @field_validator("level", mode="before")
+    @classmethod
+    def _upper(cls, value: Any) -> Any:
+        return value.upper() if isinstance(value, str) else value
+
+
+@dataclass(frozen=True)
+class _LoadContext:
+    path: Path | None
+    data: Mapping[str, Any]
+    environ: Mapping[str, str] = field(default_factory=dict)
+
+
+_CONTEXT: ContextVar[_LoadContext | None] = ContextVar("leadflow_settings_context", default=None)
+
+
+class Settings(BaseSettings):
+    """Everything leadflow reads at start-up. Build it with `load_settings()`."""
+
+    model_config = SettingsConfigDict(extra="forbid", validate_default=True)
+
+    database: DatabaseSettings = Field(default_factory=DatabaseSettings)
+    kafka: KafkaSettings = Field(default_factory=KafkaSettings)
+    topics: TopicSettings = Field(default_factory=TopicSettings)
+    intake: IntakeSettings = Field(default_factory=IntakeSettings)
+    web: WebSettings = Field(default_factory=WebSettings)
+    embedded: EmbeddedSettings = Field(default_factory=EmbeddedSettings)
+    log: LogSettings = Field(default_factory=LogSettings)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, _FlatEnvSource(settings_cls), _YamlSource(settings_cls))
+
+
+def _scalar_paths(
+    model: type[BaseModel], prefix: tuple[str, ...] = ()
+) -> Iterator[tuple[tuple[str, ...], FieldInfo]]:
+    for name, info in model.model_fields.items():
+        annotation = info.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            yield from _scalar_paths(annotation, (*prefix, name))
+        else:
+            yield (*prefix, name), info
+
+
+def env_name(path: tuple[str, ...]) -> str:
+    return ENV_PREFIX + "_".join(path).upper()
+
+
+def env_names() -> dict[str, str]:
+    """Every overridable key path and its environment variable, e.g. {'database.url': ...}."""
+    return {".".join(path): env_name(path) for path, _ in _scalar_paths(Settings)}
+
+
+class _FlatEnvSource(PydanticBaseSettingsSource):
+    """LEADFLOW_<SECTION>_<KEY> for every scalar; names come from the model, never parsed."""
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False  # unused: __call__ builds the whole tree at once
+
+    def __call__(self) -> dict[str, Any]:
+        context = _CONTEXT.get()
+        environ = context.environ if context else os.environ
+        tree: dict[str, Any] = {}
+        for path, _ in _scalar_paths(Settings):
+            value = environ.get(env_name(path))
+            if value is None or value == "":
+                continue
+            node = tree
+            for key in path[:-1]:
+                node = node.setdefault(key, {})
+            node[path[-1]] = value
+        return tree
+
+
+class _YamlSource(PydanticBaseSettingsSource):
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        context = _CONTEXT.get()
+        return dict(context.data) if context else {}
+
+
+_VAR = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def _expand(value: Any, path: tuple[str | int, ...], environ: Mapping[str, str], where: str) -> Any:
+    if isinstance(value, dict):
+        return {k: _expand(v, (*path, k), environ, where) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_expand(v, (*path, i), environ, where) for i, v in enumerate(value)]
+    if not isinstance(value, str):
+        return value
+
+    def substitute(match: re.Match[str]) -> str:
+        if match[0] == "$$":
+            return "$"
+        name, default = match[1], match[2]
+        if name in environ:
+            return environ[name]
+        if default is not None:
+            return default
+        raise ConfigError(
+            f"{where}: {_dotted(path)}: environment variable {name} is not set "
+            f"(referenced as ${{{name}}}; set it, or write ${{{name}:-default}})."
+        )
+
+    return _VAR.sub(substitute, value)
+
+
+def _dotted(path: tuple[str | int, ...]) -> str:
+    text = ""
+    for part in path:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text or "(top level)"
+
+
+def _read_yaml(path: Path, environ: Mapping[str, str]) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: the configuration file does not exist.") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read the configuration file: {exc}.") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(f"{path}: not valid YAML{where}: {problem}.") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"{path}: the top level must be a mapping of sections (database, kafka, ...), "
+            f"not a {type(data).__name__}."
+        )
+    return _expand(data, (), environ, str(path))
+
+
+def resolve_config_path(explicit: Path | None, environ: Mapping[str, str]) -> Path | None:
+    """--config wins, then LEADFLOW_CONFIG, then ./leadflow.yaml if present, else none."""
+    if explicit is not None:
+        return explicit
+    if environ.get(ENV_PREFIX + "CONFIG"):
+        return Path(environ[ENV_PREFIX + "CONFIG"])
+    default = Path(DEFAULT_CONFIG_FILE)
+    return default if default.is_file() else None
+
+
+def load_settings(
+    config: Path | None = None,
+    environ: Mapping[str, str] | None = None,
+    **overrides: Any,
+) -> Settings:
+    """Build the settings or raise `ConfigError` with the file, key path and reason."""
+    environ = os.environ if environ is None else environ
+    path = resolve_config_path(config, environ)
+    data = _read_yaml(path, environ) if path is not None else {}
+    token = _CONTEXT.set(_LoadContext(path=path, data=data, environ=environ))
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        raise ConfigError(_explain(exc, path, environ)) from None
+    finally:
+        _CONTEXT.reset(token)
+
+
+def _explain(exc: ValidationError, path: Path | None, environ: Mapping[str, str]) -> str:
+    problems = []
+    for error in exc.errors(include_url=False, include_input=False):
+        loc = tuple(error["loc"])
+        key = _dotted(loc)
+        variable = env_name(tuple(str(p) for p in loc))
+        if variable in environ:
+            origin = f"environment variable {variable}"
+        else:
+            origin = str(path) if path is not None else "built-in default"
+        reason = error["msg"].removeprefix("Value error, ")
+        if error["type"] == "extra_forbidden":
+            reason = (
+                "unknown key (check the spelling; deploy/leadflow.example.yaml lists every key)"
+            )
+        problems.append(f"{origin}: {key}: {reason}")
+    count = len(problems)
+    head = "invalid configuration" if count == 1 else f"invalid configuration ({count} problems)"
+    return f"{head}: " + "; ".join(problems) + "."
+
+
+def masked_url(url: str) -> str:
+    """A URL safe to print or log: the password, if any, replaced by ***."""
+    return re.sub(r"(//[^:/@]+):[^@/]*@", r"\1:***@", url)

@@ -1,0 +1,228 @@
+"""Bringing leadflow up: servers (configured or embedded), migrations, topics, process roles.
+
+`leadflow up` runs everything in one process tree; `leadflow run ROLE` runs one role against
+configured servers (or the servers of a `leadflow up` running from the same directory, found
+through its runtime file). Stopping — Ctrl-C or SIGTERM — ends the roles, then the servers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+from pydantic import SecretStr
+
+from leadflow.db import make_engine, upgrade
+from leadflow.embedded import EmbeddedServers, free_port
+from leadflow.kafka import ensure_topics
+from leadflow.logs import get_logger
+from leadflow.settings import Settings, masked_url
+from leadflow.web import WebContext, create_app
+
+log = get_logger("leadflow.stack")
+
+RUNTIME_FILE = "runtime.json"
+
+
+@dataclass(frozen=True)
+class Endpoints:
+    """Where the servers are, and whether they are leadflow's embedded ones."""
+
+    database_url: str | None
+    kafka_bootstrap: str | None
+    web_url: str | None = None
+    from_runtime_file: bool = False
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def read_runtime(data_dir: Path) -> dict[str, Any] | None:
+    """The runtime file of a `leadflow up` still running from `data_dir`, if any."""
+    path = data_dir / RUNTIME_FILE
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict) or not _pid_alive(int(data.get("pid", 0))):
+        return None
+    return data
+
+
+def resolve_endpoints(settings: Settings) -> Endpoints:
+    """Configured URLs win; otherwise those of a running `leadflow up` in the data directory."""
+    database = settings.database.url.get_secret_value() if settings.database.url else None
+    kafka = settings.kafka.bootstrap
+    runtime = read_runtime(settings.embedded.data_dir)
+    if runtime is None:
+        return Endpoints(database, kafka)
+    return Endpoints(
+        database or runtime.get("database_url"),
+        kafka or runtime.get("kafka_bootstrap"),
+        runtime.get("web_url"),
+        from_runtime_file=True,
+    )
+
+
+def with_endpoints(
+    settings: Settings, database_url: str | None, kafka_bootstrap: str | None
+) -> Settings:
+    """The settings with the servers actually in use filled in."""
+    database = settings.database.model_copy(
+        update={"url": SecretStr(database_url) if database_url else settings.database.url}
+    )
+    kafka = settings.kafka.model_copy(
+        update={"bootstrap": kafka_bootstrap or settings.kafka.bootstrap}
+    )
+    return settings.model_copy(update={"database": database, "kafka": kafka})
+
+
+class _Server(uvicorn.Server):
+    """uvicorn without its own signal handlers: the stack owns SIGINT/SIGTERM."""
+
+    @contextlib.contextmanager
+    def capture_signals(self):  # type: ignore[no-untyped-def]
+        yield
+
+
+def _write_runtime(path: Path, runtime: dict[str, Any] | None) -> None:
+    """Record (or, given None, remove) the running stack's endpoints for other commands."""
+    if runtime is None:
+        path.unlink(missing_ok=True)
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(runtime, indent=2))
+
+
+Announce = Callable[[dict[str, Any]], None]
+
+
+async def _serve(
+    settings: Settings,
+    servers: EmbeddedServers | None,
+    announce: Announce,
+    runtime_path: Path | None,
+) -> None:
+    """Run the roles until SIGINT/SIGTERM or until an embedded server dies.
+
+    `runtime_path` (for `up` only) records where everything runs, for `status` and `run`.
+    """
+    created = await ensure_topics(settings.kafka, settings.topics)
+    if created:
+        log.info("topics created", topics=created)
+
+    assert settings.database.url is not None
+    engine = make_engine(
+        settings.database.url.get_secret_value(), pool_size=settings.database.pool_size
+    )
+    port = settings.web.port or free_port(settings.web.host)
+    config = uvicorn.Config(
+        create_app(WebContext(settings, engine)),
+        host=settings.web.host,
+        port=port,
+        log_config=None,
+        access_log=False,
+        lifespan="on",
+    )
+    web = _Server(config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+
+    async def watch_servers() -> None:
+        while servers is not None:
+            for name, server in (("postgres", servers.postgres), ("kafka", servers.kafka)):
+                if server is not None and not server.alive():
+                    log.error("embedded server exited; stopping", server=name)
+                    stop.set()
+                    return
+            await asyncio.sleep(1)
+
+    web_task = asyncio.create_task(web.serve(), name="web")
+    watch_task = asyncio.create_task(watch_servers(), name="watch-servers")
+    while not web.started and not web_task.done():  # noqa: ASYNC110 - uvicorn offers no event
+        await asyncio.sleep(0.05)
+    if web_task.done():
+        await web_task  # surfaces the bind error
+    web_url = f"http://{settings.web.host}:{port}"
+    runtime = {
+        "pid": os.getpid(),
+        "started_at": datetime.now(UTC).isoformat(),
+        "database_url": settings.database.url.get_secret_value(),
+        "kafka_bootstrap": settings.kafka.bootstrap,
+        "web_url": web_url,
+        "embedded_postgres": servers is not None and servers.postgres is not None,
+        "embedded_kafka": servers is not None and servers.kafka is not None,
+    }
+    if runtime_path is not None:
+        _write_runtime(runtime_path, runtime)
+    announce(runtime)
+    try:
+        await stop.wait()
+    finally:
+        log.info("stopping")
+        web.should_exit = True
+        watch_task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watch_task
+        await web_task
+        engine.dispose()
+        if runtime_path is not None:
+            _write_runtime(runtime_path, None)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+
+
+def up(settings: Settings, announce: Announce) -> None:
+    """Start what is not configured, migrate, create topics, serve until told to stop."""
+    # Ctrl-C while the servers start must still stop them: handle it as an exception until the
+    # event loop takes the signals over.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    endpoints = Endpoints(
+        settings.database.url.get_secret_value() if settings.database.url else None,
+        settings.kafka.bootstrap,
+    )
+    servers = EmbeddedServers(
+        settings.embedded.data_dir,
+        database_url=endpoints.database_url,
+        kafka_bootstrap=endpoints.kafka_bootstrap,
+        postgres_port=settings.embedded.postgres_port,
+        kafka_port=settings.embedded.kafka_port,
+    )
+    with servers:
+        live = with_endpoints(settings, servers.database_url, servers.kafka_bootstrap)
+        assert live.database.url is not None
+        engine = make_engine(live.database.url.get_secret_value())
+        try:
+            upgrade(engine)
+        finally:
+            engine.dispose()
+        log.info("schema up to date", database=masked_url(live.database.url.get_secret_value()))
+        with contextlib.suppress(KeyboardInterrupt):
+            asyncio.run(_serve(live, servers, announce, settings.embedded.data_dir / RUNTIME_FILE))
+
+
+def serve_role(settings: Settings, endpoints: Endpoints, role: str, announce: Announce) -> None:
+    """`leadflow run ROLE`: one role against existing servers, until SIGINT/SIGTERM."""
+    if role != "web":
+        raise ValueError(f"role {role!r} is not built yet")
+    live = with_endpoints(settings, endpoints.database_url, endpoints.kafka_bootstrap)
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(_serve(live, None, announce, None))

@@ -1,0 +1,83 @@
+"""The HTTP surface: liveness, readiness and Prometheus metrics (the API and pages build on it).
+
+`/healthz` answers while the process serves requests. `/readyz` answers 200 only when
+PostgreSQL answers with the schema at the head revision and the Kafka broker answers with the
+configured topics present; otherwise 503 with what is missing, never a stack trace.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse
+from prometheus_client import make_asgi_app
+from sqlalchemy.engine import Engine
+
+from leadflow import __version__
+from leadflow.db import check_database, schema_version
+from leadflow.errors import ServiceUnavailable
+from leadflow.kafka import describe_topics
+from leadflow.settings import Settings
+
+READY_TIMEOUT_SECONDS = 3.0
+
+
+@dataclass
+class WebContext:
+    settings: Settings
+    engine: Engine
+
+
+def _database_check(engine: Engine) -> dict[str, Any]:
+    version = check_database(engine)
+    current, head = schema_version(engine)
+    return {
+        "ok": current == head,
+        "server_version": version,
+        "schema": current,
+        "schema_head": head,
+    }
+
+
+async def _kafka_check(settings: Settings) -> dict[str, Any]:
+    names = [settings.topics.raw, settings.topics.dlq, settings.topics.assigned]
+    topics = await describe_topics(settings.kafka, names)
+    missing = [name for name, info in topics.items() if info is None]
+    return {"ok": not missing, "bootstrap": settings.kafka.bootstrap, "missing_topics": missing}
+
+
+async def _guarded(name: str, check: Any) -> dict[str, Any]:
+    try:
+        return dict(await asyncio.wait_for(check, READY_TIMEOUT_SECONDS))
+    except ServiceUnavailable as exc:
+        return {"ok": False, "error": str(exc)}
+    except TimeoutError:
+        return {"ok": False, "error": f"{name} did not answer within {READY_TIMEOUT_SECONDS:.0f}s"}
+
+
+def create_app(context: WebContext) -> FastAPI:
+    app = FastAPI(
+        title="leadflow",
+        version=__version__,
+        description="Lead ingestion and distribution for telesales call centers.",
+    )
+    app.mount("/metrics", make_asgi_app())
+
+    @app.get("/healthz", tags=["health"], summary="Liveness: the process serves requests")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz", tags=["health"], summary="Readiness: PostgreSQL and Kafka answer")
+    async def readyz() -> JSONResponse:
+        database, kafka = await asyncio.gather(
+            _guarded("PostgreSQL", asyncio.to_thread(_database_check, context.engine)),
+            _guarded("Kafka", _kafka_check(context.settings)),
+        )
+        ready = database["ok"] and kafka["ok"]
+        body = {"status": "ready" if ready else "not ready", "postgres": database, "kafka": kafka}
+        return JSONResponse(body, status_code=200 if ready else 503)
+
+    return app
