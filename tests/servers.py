@@ -10,7 +10,9 @@ LEADFLOW_TEST_SERVERS=embedded|containers forces one of the last two.
 
 from __future__ import annotations
 
+import functools
 import os
+import socket
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -22,19 +24,31 @@ POSTGRES_IMAGE = "postgres:16-alpine"
 KAFKA_IMAGE = "apache/kafka:3.9.1"
 
 
+@functools.cache
 def docker_available() -> bool:
+    """True when a Docker engine answers its /_ping (asked directly: no client left open)."""
     forced = os.environ.get("LEADFLOW_TEST_SERVERS")
     if forced:
         return forced == "containers"
+    host = os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock")
     try:
-        import docker
-
-        client = docker.from_env(timeout=3)
-        try:
-            return bool(client.ping())
-        finally:
-            client.close()
-    except Exception:
+        if host.startswith("unix://"):
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(3)
+            try:
+                sock.connect(host.removeprefix("unix://"))
+            except OSError:
+                sock.close()
+                raise
+        elif host.startswith("tcp://"):
+            address, _, port = host.removeprefix("tcp://").rpartition(":")
+            sock = socket.create_connection((address, int(port)), timeout=3)
+        else:
+            return False
+        with sock:
+            sock.sendall(b"GET /_ping HTTP/1.0\r\nHost: docker\r\n\r\n")
+            return b"OK" in sock.recv(4096)
+    except (OSError, ValueError):
         return False
 
 
