@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.engine import Engine
 
 from leadflow.errors import ServiceUnavailable
 from leadflow.settings import masked_url
@@ -19,10 +19,7 @@ from schemas.vocab import LEAD_STATES
 
 def sqlalchemy_url(url: str) -> str:
     """postgresql://... as a SQLAlchemy URL on the psycopg 3 driver."""
-    parsed = make_url(url)
-    if parsed.drivername in ("postgresql", "postgres"):
-        parsed = parsed.set(drivername="postgresql+psycopg")
-    return parsed.render_as_string(hide_password=False)
+    return migrate.normalise_url(url).render_as_string(hide_password=False)
 
 
 def make_engine(

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import threading
+import subprocess
+import sys
 import uuid
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -14,7 +14,6 @@ import psycopg
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from psycopg import sql
 from sqlalchemy import Connection, Engine, create_engine, insert, text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.pool import NullPool
@@ -35,45 +34,15 @@ from schemas.tables import (
 
 pytestmark = pytest.mark.integration
 
-# Temporary until tests/conftest.py provides `empty_db_url`; then this block goes away.
-_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
-
-
-@contextmanager
-def _fresh_database() -> Iterator[str]:
-    name = f"leadflow_test_{uuid.uuid4().hex[:12]}"
-    try:
-        admin = psycopg.connect(_ADMIN_URL, autocommit=True, connect_timeout=5)
-    except psycopg.OperationalError as exc:
-        pytest.skip(f"no PostgreSQL at {_ADMIN_URL}: {exc}")
-    with admin:
-        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    try:
-        yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
-    finally:
-        with psycopg.connect(_ADMIN_URL, autocommit=True) as admin:
-            admin.execute(
-                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
-            )
+# Fixtures from tests/conftest.py: `empty_db_url` (a fresh empty database) and `engine` (on a
+# fresh database already migrated to head, cloned from a template).
 
 
 @pytest.fixture
-def empty_db_url() -> Iterator[str]:
-    with _fresh_database() as url:
-        yield url
-
-
-@pytest.fixture
-def engine(empty_db_url: str) -> Iterator[Engine]:
+def empty_engine(empty_db_url: str) -> Iterator[Engine]:
     engine = create_engine(empty_db_url, poolclass=NullPool)
     yield engine
     engine.dispose()
-
-
-@pytest.fixture
-def migrated(empty_db_url: str, engine: Engine) -> Engine:
-    migrate.upgrade(empty_db_url)
-    return engine
 
 
 LEADFLOW_TABLES = {
@@ -114,12 +83,12 @@ def _schema_exists(connection: Connection, name: str) -> bool:
 # --- migrations ---------------------------------------------------------------------------
 
 
-def test_upgrade_creates_every_table(empty_db_url: str, engine: Engine) -> None:
+def test_upgrade_creates_every_table(empty_db_url: str, empty_engine: Engine) -> None:
     assert migrate.current(empty_db_url) is None
 
     migrate.upgrade(empty_db_url)
 
-    with engine.connect() as connection:
+    with empty_engine.connect() as connection:
         assert _tables(connection) == LEADFLOW_TABLES
     assert {f"{t.schema or 'public'}.{t.name}" for t in Base.metadata.sorted_tables} == (
         LEADFLOW_TABLES
@@ -127,42 +96,40 @@ def test_upgrade_creates_every_table(empty_db_url: str, engine: Engine) -> None:
     assert migrate.current(empty_db_url) == migrate.head() == "0001"
 
 
-def test_upgrade_again_is_a_no_op(empty_db_url: str, migrated: Engine) -> None:
+def test_upgrade_again_is_a_no_op(empty_db_url: str) -> None:
+    migrate.upgrade(empty_db_url)
     migrate.upgrade(empty_db_url)
 
     assert migrate.current(empty_db_url) == migrate.head()
 
 
-def test_concurrent_upgrades_migrate_once(empty_db_url: str, engine: Engine) -> None:
-    errors: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            migrate.upgrade(empty_db_url)
-        except BaseException as exc:
-            errors.append(exc)
-
-    threads = [threading.Thread(target=run) for _ in range(3)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=60)
-
-    assert errors == []
+def test_concurrent_upgrades_migrate_once(empty_db_url: str) -> None:
+    # Processes, not threads: Alembic keeps its migration context in module globals.
+    script = "import sys; from schemas import migrate; migrate.upgrade(sys.argv[1])"
+    processes = [
+        subprocess.Popen([sys.executable, "-c", script, empty_db_url], stderr=subprocess.PIPE)
+        for _ in range(3)
+    ]
+    for process in processes:
+        _, stderr = process.communicate(timeout=60)
+        assert process.returncode == 0, stderr.decode()
     assert migrate.current(empty_db_url) == migrate.head()
 
 
 def test_downgrade_and_upgrade_round_trip_sparing_the_data_teams_tables(
-    empty_db_url: str, migrated: Engine
+    empty_db_url: str, empty_engine: Engine
 ) -> None:
-    with migrated.begin() as connection:
+    # The data team may well have created the staging schema before leadflow was installed.
+    with empty_engine.begin() as connection:
+        connection.execute(text("CREATE SCHEMA staging"))
         connection.execute(text("CREATE TABLE staging.crm_export (phone text, name text)"))
         connection.execute(text("INSERT INTO staging.crm_export VALUES ('+8613800138000', 'Z')"))
+    migrate.upgrade(empty_db_url)
 
     migrate.downgrade(empty_db_url, "base")
 
     assert migrate.current(empty_db_url) is None
-    with migrated.connect() as connection:
+    with empty_engine.connect() as connection:
         assert _tables(connection) == {"staging.crm_export"}
         rows = connection.execute(text("SELECT phone, name FROM staging.crm_export")).all()
         assert [tuple(row) for row in rows] == [("+8613800138000", "Z")]
@@ -170,16 +137,18 @@ def test_downgrade_and_upgrade_round_trip_sparing_the_data_teams_tables(
     migrate.upgrade(empty_db_url)
 
     assert migrate.current(empty_db_url) == migrate.head()
-    with migrated.connect() as connection:
+    with empty_engine.connect() as connection:
         assert _tables(connection) == LEADFLOW_TABLES | {"staging.crm_export"}
 
 
 def test_downgrade_drops_the_staging_schema_when_only_leadflow_used_it(
-    empty_db_url: str, migrated: Engine
+    empty_db_url: str, empty_engine: Engine
 ) -> None:
+    migrate.upgrade(empty_db_url)
+
     migrate.downgrade(empty_db_url, "base")
 
-    with migrated.connect() as connection:
+    with empty_engine.connect() as connection:
         assert _tables(connection) == set()
         assert not _schema_exists(connection, "staging")
 
@@ -210,9 +179,9 @@ def test_non_postgresql_urls_are_refused() -> None:
 
 
 def test_autogenerate_finds_no_difference_between_models_and_migration(
-    migrated: Engine,
+    engine: Engine,
 ) -> None:
-    with migrated.begin() as connection:
+    with engine.begin() as connection:
         # The data team's tables must not show up as "tables leadflow should drop".
         connection.execute(text("CREATE TABLE staging.crm_export (phone text)"))
         context = MigrationContext.configure(connection, opts=dict(migrate.AUTOGENERATE_OPTS))
@@ -251,26 +220,22 @@ def _catalog(engine: Engine) -> dict[str, set[tuple[Any, ...]]]:
         }
 
 
-def test_migration_builds_exactly_the_schema_the_models_describe(migrated: Engine) -> None:
-    with _fresh_database() as models_url:
-        models = create_engine(models_url, poolclass=NullPool)
-        try:
-            with models.begin() as connection:
-                connection.execute(text("CREATE SCHEMA staging"))
-                Base.metadata.create_all(connection)
-            expected = _catalog(models)
-        finally:
-            models.dispose()
+def test_migration_builds_exactly_the_schema_the_models_describe(
+    engine: Engine, empty_engine: Engine
+) -> None:
+    with empty_engine.begin() as connection:
+        connection.execute(text("CREATE SCHEMA staging"))
+        Base.metadata.create_all(connection)
 
-    actual = _catalog(migrated)
+    migrated, modelled = _catalog(engine), _catalog(empty_engine)
 
     for kind in _CATALOG_QUERIES:
-        assert sorted(actual[kind] - expected[kind]) == [], f"{kind} only in the migration"
-        assert sorted(expected[kind] - actual[kind]) == [], f"{kind} only in the models"
+        assert sorted(migrated[kind] - modelled[kind]) == [], f"{kind} only in the migration"
+        assert sorted(modelled[kind] - migrated[kind]) == [], f"{kind} only in the models"
 
 
-def test_hot_path_indexes_exist(migrated: Engine) -> None:
-    with migrated.connect() as connection:
+def test_hot_path_indexes_exist(engine: Engine) -> None:
+    with engine.connect() as connection:
         rows = connection.execute(
             text("SELECT indexname, indexdef FROM pg_indexes WHERE schemaname = 'public'")
         )
@@ -376,8 +341,8 @@ def _reject(connection: Connection, extract_id: int, row_number: int) -> None:
 
 
 @pytest.fixture
-def seed(migrated: Engine) -> Seed:
-    with migrated.begin() as connection:
+def seed(engine: Engine) -> Seed:
+    with engine.begin() as connection:
         customer_id = _customer(connection)
         lead_id = _lead(connection, customer_id)
         agent_id = _agent(connection)
@@ -468,18 +433,18 @@ VIOLATIONS: dict[str, tuple[Violation, str]] = {
 
 
 @pytest.mark.parametrize("case", list(VIOLATIONS), ids=list(VIOLATIONS))
-def test_constraints_bite(case: str, migrated: Engine, seed: Seed) -> None:
+def test_constraints_bite(case: str, engine: Engine, seed: Seed) -> None:
     violate, constraint = VIOLATIONS[case]
 
-    with pytest.raises(IntegrityError) as raised, migrated.begin() as connection:
+    with pytest.raises(IntegrityError) as raised, engine.begin() as connection:
         violate(connection, seed)
 
     assert isinstance(raised.value.orig, psycopg.IntegrityError)
     assert raised.value.orig.diag.constraint_name == constraint
 
 
-def test_valid_rows_pass_the_constraints(migrated: Engine, seed: Seed) -> None:
-    with migrated.begin() as connection:
+def test_valid_rows_pass_the_constraints(engine: Engine, seed: Seed) -> None:
+    with engine.begin() as connection:
         # A lead may have any number of closed assignments beside its one open assignment.
         _assignment(connection, seed.lead_id, seed.agent_id, status="completed", closed_at=NOW)
         _assignment(connection, seed.lead_id, seed.agent_id, status="expired", closed_at=NOW)
@@ -507,8 +472,8 @@ def test_valid_rows_pass_the_constraints(migrated: Engine, seed: Seed) -> None:
         assert open_assignments == 1
 
 
-def test_the_data_team_can_register_an_extract_with_plain_sql(migrated: Engine) -> None:
-    with migrated.begin() as connection:
+def test_the_data_team_can_register_an_extract_with_plain_sql(engine: Engine) -> None:
+    with engine.begin() as connection:
         row = connection.execute(
             text(
                 "INSERT INTO staging.extracts (table_name) VALUES ('crm_export')"
