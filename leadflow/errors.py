@@ -1,7 +1,15 @@
-"""Errors the CLI shows as one paragraph instead of a traceback."""
+"""Errors the CLI shows as one paragraph instead of a traceback: the message is for a person."""
 
 from __future__ import annotations
 
 
-class ServiceUnavailable(RuntimeError):
-    """A server leadflow needs does not answer; the message is meant for a person."""
+class LeadflowError(Exception):
+    """An expected failure whose message says what is wrong and what to do."""
+
+
+class ServiceUnavailable(LeadflowError, RuntimeError):
+    """A server leadflow needs does not answer."""
+
+
+class StartupError(LeadflowError):
+    """leadflow cannot start here as configured (e.g. its web port is taken)."""

@@ -35,11 +35,13 @@ from pydantic import (
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from leadflow.errors import LeadflowError
+
 ENV_PREFIX = "LEADFLOW_"
 DEFAULT_CONFIG_FILE = "leadflow.yaml"
 
 
-class ConfigError(Exception):
+class ConfigError(LeadflowError):
     """The configuration cannot be used; the message is meant for a person, as it is."""
 
 

@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -22,7 +23,8 @@ import uvicorn
 from pydantic import SecretStr
 
 from leadflow.db import make_engine, upgrade
-from leadflow.embedded import EmbeddedServers, free_port
+from leadflow.embedded import EmbeddedServers
+from leadflow.errors import StartupError
 from leadflow.kafka import ensure_topics
 from leadflow.logs import get_logger
 from leadflow.settings import Settings, masked_url
@@ -113,11 +115,30 @@ def _write_runtime(path: Path, runtime: dict[str, Any] | None) -> None:
 Announce = Callable[[dict[str, Any]], None]
 
 
+def bind_web(host: str, port: int) -> socket.socket:
+    """Take the web port before anything else starts, so a taken port fails fast and clearly
+    (and port 0 resolves to a free port with no race)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise StartupError(
+            f"Cannot listen on {host}:{port} for the web app: {exc.strerror or exc}. Another process "
+            f"may use that port; set web.port (or LEADFLOW_WEB_PORT) to a free one, or 0 to pick one."
+        ) from None
+    sock.set_inheritable(False)
+    return sock
+
+
 async def _serve(
     settings: Settings,
     servers: EmbeddedServers | None,
     announce: Announce,
     runtime_path: Path | None,
+    web_socket: socket.socket,
 ) -> None:
     """Run the roles until SIGINT/SIGTERM or until an embedded server dies.
 
@@ -131,7 +152,7 @@ async def _serve(
     engine = make_engine(
         settings.database.url.get_secret_value(), pool_size=settings.database.pool_size
     )
-    port = settings.web.port or free_port(settings.web.host)
+    port = int(web_socket.getsockname()[1])
     config = uvicorn.Config(
         create_app(WebContext(settings, engine)),
         host=settings.web.host,
@@ -155,7 +176,7 @@ async def _serve(
                     return
             await asyncio.sleep(1)
 
-    web_task = asyncio.create_task(web.serve(), name="web")
+    web_task = asyncio.create_task(web.serve(sockets=[web_socket]), name="web")
     watch_task = asyncio.create_task(watch_servers(), name="watch-servers")
     while not web.started and not web_task.done():  # noqa: ASYNC110 - uvicorn offers no event
         await asyncio.sleep(0.05)
@@ -195,6 +216,7 @@ def up(settings: Settings, announce: Announce) -> None:
     # Ctrl-C while the servers start must still stop them: handle it as an exception until the
     # event loop takes the signals over.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
+    web_socket = bind_web(settings.web.host, settings.web.port)
     endpoints = Endpoints(
         settings.database.url.get_secret_value() if settings.database.url else None,
         settings.kafka.bootstrap,
@@ -206,7 +228,7 @@ def up(settings: Settings, announce: Announce) -> None:
         postgres_port=settings.embedded.postgres_port,
         kafka_port=settings.embedded.kafka_port,
     )
-    with servers:
+    with web_socket, servers:
         live = with_endpoints(settings, servers.database_url, servers.kafka_bootstrap)
         assert live.database.url is not None
         engine = make_engine(live.database.url.get_secret_value())
@@ -216,7 +238,11 @@ def up(settings: Settings, announce: Announce) -> None:
             engine.dispose()
         log.info("schema up to date", database=masked_url(live.database.url.get_secret_value()))
         with contextlib.suppress(KeyboardInterrupt):
-            asyncio.run(_serve(live, servers, announce, settings.embedded.data_dir / RUNTIME_FILE))
+            asyncio.run(
+                _serve(
+                    live, servers, announce, settings.embedded.data_dir / RUNTIME_FILE, web_socket
+                )
+            )
 
 
 def serve_role(settings: Settings, endpoints: Endpoints, role: str, announce: Announce) -> None:
@@ -224,5 +250,8 @@ def serve_role(settings: Settings, endpoints: Endpoints, role: str, announce: An
     if role != "web":
         raise ValueError(f"role {role!r} is not built yet")
     live = with_endpoints(settings, endpoints.database_url, endpoints.kafka_bootstrap)
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(_serve(live, None, announce, None))
+    with (
+        bind_web(settings.web.host, settings.web.port) as web_socket,
+        contextlib.suppress(KeyboardInterrupt),
+    ):
+        asyncio.run(_serve(live, None, announce, None, web_socket))

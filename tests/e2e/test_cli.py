@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -171,3 +172,16 @@ def test_unbuilt_commands_say_so_and_do_nothing(tmp_path: Path, args: list[str])
     assert result.returncode == 2
     assert "not available in this version yet" in result.stderr
     assert not (tmp_path / ".leadflow").exists()
+
+
+def test_up_on_a_taken_web_port_explains_and_starts_nothing(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        result = leadflow("up", cwd=tmp_path, LEADFLOW_WEB_PORT=port)
+    assert result.returncode == 1
+    assert f"Cannot listen on 127.0.0.1:{port}" in result.stderr
+    assert "LEADFLOW_WEB_PORT" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / ".leadflow" / "postgres").exists()
