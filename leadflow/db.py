@@ -67,7 +67,7 @@ def schema_version(engine: Engine) -> tuple[str | None, str]:
 
 def lead_counts(engine: Engine) -> dict[str, int]:
     """Leads per state, every state present (zero where none)."""
-    counts = dict.fromkeys(LEAD_STATES, 0)
+    counts: dict[str, int] = dict.fromkeys(LEAD_STATES, 0)
     with engine.connect() as conn:
         for state, count in conn.execute(
             sa.text("SELECT state, count(*) FROM leads GROUP BY state")

@@ -331,7 +331,8 @@ def _read_yaml(path: Path, environ: Mapping[str, str]) -> dict[str, Any]:
             f"{path}: the top level must be a mapping of sections (database, kafka, ...), "
             f"not a {type(data).__name__}."
         )
-    return _expand(data, (), environ, str(path))
+    expanded: dict[str, Any] = _expand(data, (), environ, str(path))
+    return expanded
 
 
 def resolve_config_path(explicit: Path | None, environ: Mapping[str, str]) -> Path | None:

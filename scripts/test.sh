@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Set up (once) and run the whole suite: ruff, the import contracts, then unit, integration and
+# Set up (once) and run the whole suite: ruff, the import contracts, mypy, then unit, integration and
 # end-to-end tests on real servers (embedded PostgreSQL 18 + the Tansu Kafka-protocol broker, or
 # testcontainers when a Docker engine answers, or LEADFLOW_TEST_* URLs), then the integration
 # tier again on the machine's PostgreSQL 15 when one answers on 127.0.0.1:5432 (required in CI).
@@ -34,6 +34,8 @@ ruff check .
 ruff format --check .
 echo "==> import contracts"
 lint-imports
+echo "==> mypy (strict)"
+mypy
 
 echo "==> unit, integration and end-to-end tests"
 pytest "$@"
