@@ -1,0 +1,248 @@
+"""The intake chain's pure stages, shared by every channel: decode, validate, normalise.
+
+Batch in, batch out, no I/O and no clock. Each input record comes out either `Accepted` with a
+normalised `Lead` or `Rejected` with a code of CONTRACT.md §3 and a detail for people; details
+name fields and problems, never the personal data in them (the DLQ keeps the original bytes).
+Classification and persistence follow in `ingest.store`, which needs the database.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+from email_validator import EmailNotValidError, validate_email
+from pydantic import ValidationError
+
+from ingest.phones import InvalidPhone, PhoneNormaliser
+from schemas.events import LeadEvent
+from schemas.lead import Hints, Lead
+from schemas.vocab import Intake, RejectCode
+
+MAX_ATTRIBUTES_BYTES = 16 * 1024
+_MAX_DETAIL_ERRORS = 3
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """One input record: the raw bytes of a Kafka message or HTTP body, or a mapped row."""
+
+    value: bytes | None
+    key: bytes | None = None
+    topic: str | None = None
+    partition: int | None = None
+    offset: int | None = None
+    #: Staging row number or poller row, for rejects tables.
+    row: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Accepted:
+    record: Record
+    lead: Lead
+    payload: str  # the event as JSON text, stored in lead_events.payload
+
+
+@dataclass(frozen=True, slots=True)
+class Rejected:
+    record: Record
+    code: RejectCode
+    detail: str
+
+
+Outcome = Accepted | Rejected
+
+
+@dataclass(frozen=True)
+class ChainConfig:
+    default_region: str = "CN"
+    max_event_bytes: int = 64 * 1024
+    require_consent: bool = False
+
+
+class IntakeChain:
+    """decode -> validate -> normalise, for one configuration (built once per worker)."""
+
+    def __init__(self, config: ChainConfig) -> None:
+        self.config = config
+        self.phones = PhoneNormaliser(config.default_region)
+
+    def process(self, records: Iterable[Record], intake: Intake) -> list[Outcome]:
+        """Raw bytes (Kafka, HTTP) through the whole chain, in input order."""
+        return [self._one(record, intake) for record in records]
+
+    def _one(self, record: Record, intake: Intake) -> Outcome:
+        value = record.value
+        if value is None:
+            return Rejected(record, "invalid_json", "empty message (null value)")
+        if len(value) > self.config.max_event_bytes:
+            return Rejected(
+                record,
+                "too_large",
+                f"{len(value)} bytes, over the limit of {self.config.max_event_bytes}",
+            )
+        try:
+            event = LeadEvent.model_validate_json(value)
+        except ValidationError as exc:
+            return _rejection(record, exc, value)
+        if (
+            len(value) > MAX_ATTRIBUTES_BYTES
+            and _json_size(event.attributes) > MAX_ATTRIBUTES_BYTES
+        ):
+            return Rejected(record, "schema_violation", "attributes: larger than 16 KiB")
+        return self.normalise(record, event, intake, value.decode("utf-8"))
+
+    def process_objects(
+        self,
+        rows: Iterable[tuple[Record, Mapping[str, Any]]],
+        intake: Intake,
+        hints: Hints | None = None,
+    ) -> list[Outcome]:
+        """Already-decoded objects (staging rows, poller rows mapped to LeadEvent fields)."""
+        outcomes: list[Outcome] = []
+        for record, obj in rows:
+            try:
+                event = LeadEvent.model_validate(obj)
+            except ValidationError as exc:
+                outcomes.append(_rejection(record, exc, None))
+                continue
+            payload = event.model_dump_json(exclude_none=True)
+            if _json_size(event.attributes) > MAX_ATTRIBUTES_BYTES:
+                outcomes.append(
+                    Rejected(record, "schema_violation", "attributes: larger than 16 KiB")
+                )
+                continue
+            outcomes.append(self.normalise(record, event, intake, payload, hints))
+        return outcomes
+
+    def normalise(
+        self,
+        record: Record,
+        event: LeadEvent,
+        intake: Intake,
+        payload: str,
+        hints: Hints | None = None,
+    ) -> Outcome:
+        consent = event.consent.telemarketing if event.consent is not None else None
+        if consent is None and self.config.require_consent:
+            return Rejected(
+                record, "consent_missing", "consent.telemarketing is required by configuration"
+            )
+        customer = event.customer
+        try:
+            phone = self.phones.normalise(customer.phone)
+        except InvalidPhone as exc:
+            return Rejected(record, "invalid_phone", f"customer.phone: {exc}")
+        lead = Lead(
+            event_id=event.event_id,
+            occurred_at=event.occurred_at,
+            source=event.source,
+            event_type=event.event_type,
+            phone=phone.e164,
+            intake=intake,
+            channel=event.channel,
+            product=event.product,
+            campaign=event.campaign,
+            region=customer.region,
+            timezone=customer.timezone or phone.timezone,
+            country=phone.region,
+            external_id=customer.external_id,
+            name=clean_name(customer.name),
+            email=clean_email(customer.email),
+            consent=consent,
+            attributes=event.attributes,
+            hints=hints,
+        )
+        return Accepted(record, lead, payload)
+
+
+def clean_name(name: str | None) -> str | None:
+    """Collapse runs of whitespace; an empty name is no name."""
+    if name is None:
+        return None
+    cleaned = " ".join(name.split())
+    return cleaned or None
+
+
+# An unquoted ASCII local part (RFC 5322 dot-atom) and a domain of ASCII labels: the shape of
+# nearly every real address. Its domain is judged once by email_validator and remembered.
+_PLAIN_EMAIL = re.compile(
+    r"([A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*)"
+    r"@((?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+[A-Za-z]{2,63})"
+)
+
+
+@lru_cache(maxsize=8192)
+def _email_domain(domain: str) -> str | None:
+    """The normalised domain if email_validator accepts it, else None."""
+    try:
+        return validate_email(f"x@{domain}", check_deliverability=False).domain
+    except EmailNotValidError:
+        return None
+
+
+def clean_email(email: str | None) -> str | None:
+    """The normalised address, or None when it is not a syntactically valid address.
+
+    A bad e-mail is dropped, not fatal: the phone is what the call center needs. Plain
+    addresses take a fast path that agrees with email_validator (a property test holds it to
+    that); everything else goes to email_validator itself.
+    """
+    if not email:
+        return None
+    match = _PLAIN_EMAIL.fullmatch(email)
+    if match and len(match[1]) <= 64 and len(email) <= 254:
+        domain = _email_domain(match[2])
+        return f"{match[1]}@{domain}" if domain is not None else None
+    try:
+        return validate_email(email, check_deliverability=False).normalized
+    except EmailNotValidError:
+        return None
+
+
+def slow_clean_email(email: str) -> str | None:
+    """email_validator alone: the reference the fast path is tested against."""
+    try:
+        return validate_email(email, check_deliverability=False).normalized
+    except EmailNotValidError:
+        return None
+
+
+def _json_size(value: Any) -> int:
+    return len(json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode())
+
+
+def _rejection(record: Record, exc: ValidationError, raw: bytes | None) -> Rejected:
+    errors = exc.errors(include_url=False)
+    first = errors[0]
+    if first["type"] == "json_invalid" and raw is not None:
+        try:
+            raw.decode("utf-8")
+        except UnicodeDecodeError as bad:
+            return Rejected(record, "invalid_utf8", f"invalid UTF-8 at byte {bad.start}")
+        return Rejected(record, "invalid_json", f"not JSON: {first['msg']}")
+    for error in errors:
+        if error["loc"] == ("schema_version",) and error["type"] == "literal_error":
+            given = error.get("input")
+            if isinstance(given, int) and not isinstance(given, bool):
+                return Rejected(
+                    record,
+                    "unsupported_schema_version",
+                    f"schema_version {given} is not supported (1 is)",
+                )
+    return Rejected(record, "schema_violation", describe(errors))
+
+
+def describe(errors: Sequence[Mapping[str, Any]]) -> str:
+    """Field paths and reasons, never the offending values (they may be personal data)."""
+    parts = []
+    for error in errors[:_MAX_DETAIL_ERRORS]:
+        where = ".".join(str(part) for part in error["loc"]) or "event"
+        parts.append(f"{where}: {error['msg']}")
+    if len(errors) > _MAX_DETAIL_ERRORS:
+        parts.append(f"and {len(errors) - _MAX_DETAIL_ERRORS} more")
+    return "; ".join(parts)
