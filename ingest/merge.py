@@ -224,12 +224,12 @@ def plan(
     # New leads are numbered, and the audit trail written, in event order, as one by one would.
     order = list(dict.fromkeys(targets))
     renumber = {ref: -(n + 1) for n, ref in enumerate(r for r in order if r < 0)}
-    leads = [planner.touched[ref] for ref in order]
-    for lead in leads:
+    placed = [planner.touched[ref] for ref in order]
+    for lead in placed:
         lead.ref = renumber.get(lead.ref, lead.ref)
     transitions = [
         Transition(t.index, renumber.get(t.ref, t.ref), t.from_state, t.to_state, t.reason)
         for t in sorted(planner.transitions, key=lambda t: t.index)
     ]
     targets = [renumber.get(ref, ref) for ref in targets]
-    return Plan(leads, targets, merged, transitions)
+    return Plan(placed, targets, merged, transitions)
