@@ -124,14 +124,16 @@ def _announce(runtime: dict[str, Any]) -> None:
         runtime["kafka_bootstrap"],
         "embedded (Tansu)" if runtime["embedded_kafka"] else "configured",
     )
+    table.add_row("roles", ", ".join(runtime["roles"]), "")
     web = runtime["web_url"]
-    for path, what in [
-        ("/healthz", "liveness"),
-        ("/readyz", "readiness"),
-        ("/metrics", "Prometheus"),
-        ("/docs", "API docs"),
-    ]:
-        table.add_row(f"web {what}", f"{web}{path}", "")
+    if web:
+        for path, what in [
+            ("/healthz", "liveness"),
+            ("/readyz", "readiness"),
+            ("/metrics", "Prometheus"),
+            ("/docs", "API docs"),
+        ]:
+            table.add_row(f"web {what}", f"{web}{path}", "")
     console.print(table)
     console.print("Press Ctrl-C to stop.")
 
@@ -147,9 +149,10 @@ def run(
             f"unknown role {role!r}; choose one of {', '.join(ROLES)}", param_hint="ROLE"
         )
     settings = _settings(ctx)
-    if role != "web":
+    from leadflow.stack import BUILT_ROLES, resolve_endpoints, serve_role
+
+    if role not in BUILT_ROLES:
         _not_yet(f"run {role}", f"the {role} role's issue")
-    from leadflow.stack import resolve_endpoints, serve_role
 
     endpoints = resolve_endpoints(settings)
     if endpoints.database_url is None or endpoints.kafka_bootstrap is None:
@@ -289,10 +292,34 @@ def status(ctx: typer.Context) -> None:
 
 @app.command()
 def publish(
-    file: Annotated[Path, typer.Argument(help="LeadEvents, one JSON object per line.")],
+    ctx: typer.Context,
+    file: Annotated[
+        Path, typer.Argument(help="LeadEvents, one JSON object per line ('-' for standard input).")
+    ],
+    topic: Annotated[
+        str | None, typer.Option(help="Topic to publish to (default: topics.raw).")
+    ] = None,
 ) -> None:
-    """Publish LeadEvents from a JSON-lines file to leads.raw."""
-    _not_yet("publish", "the real-time intake")
+    """Publish LeadEvents from a JSON-lines file to leads.raw; invalid lines are reported, not sent.
+
+    Exits 1 when any line was rejected locally (the valid ones are still sent).
+    """
+    settings = _settings(ctx)
+    from leadflow.publish import publish_file
+    from leadflow.stack import resolve_endpoints
+
+    bootstrap = resolve_endpoints(settings).kafka_bootstrap
+    if bootstrap is None:
+        raise ServiceUnavailable(
+            "No Kafka broker to publish to: set kafka.bootstrap (or LEADFLOW_KAFKA_BOOTSTRAP), or "
+            "start `leadflow up` from this directory."
+        )
+    live = settings.model_copy(
+        update={"kafka": settings.kafka.model_copy(update={"bootstrap": bootstrap})}
+    )
+    summary = asyncio.run(publish_file(live, file, topic or settings.topics.raw, console))
+    if summary.rejected:
+        raise typer.Exit(1)
 
 
 @staging_app.command("submit")

@@ -157,6 +157,16 @@ class IntakeSettings(_Section):
         default=False, description="Reject events without consent.telemarketing (consent_missing)."
     )
     dedup_window: Duration = Field(default=timedelta(days=30), gt=timedelta(0))
+    consumer_group: str = Field(default="leadflow-intake", min_length=1)
+    batch_size: int = Field(
+        default=2000, ge=1, le=50_000, description="Most records one intake transaction takes."
+    )
+    batch_wait: Duration = Field(
+        default=timedelta(milliseconds=50),
+        ge=timedelta(0),
+        description="How long a poll waits for records before handling what it has.",
+    )
+    retry_backoff_max: Duration = Field(default=timedelta(seconds=30), gt=timedelta(0))
 
     @field_validator("default_region")
     @classmethod
@@ -191,6 +201,37 @@ class LogSettings(_Section):
         return value.upper() if isinstance(value, str) else value
 
 
+_NAME_PATTERN = r"^[a-z0-9][a-z0-9_.\-]{0,63}$"
+
+
+class ClassificationSettings(_Section):
+    rules_file: Path | None = Field(
+        default=None,
+        description="The rules file; relative paths are read from the configuration file's "
+        "directory. Unset: the demo rules, deploy/rules.example.yaml of this installation.",
+    )
+    default_business_line: str = Field(default="general", pattern=_NAME_PATTERN)
+    default_segment: str = Field(default="general", pattern=_NAME_PATTERN)
+    default_priority: int = Field(default=50, ge=0, le=100)
+    realtime_boost: int = Field(
+        default=10, ge=0, le=100, description="Added to real-time leads' priority, capped at 100."
+    )
+    reload_interval: Duration = Field(
+        default=timedelta(seconds=2),
+        ge=timedelta(0),
+        description="How often workers look for a changed rules file; 0 stops looking.",
+    )
+
+    @field_validator("rules_file")
+    @classmethod
+    def _beside_the_config(cls, value: Path | None) -> Path | None:
+        # A rules file named in leadflow.yaml sits next to it, wherever leadflow is started.
+        context = _CONTEXT.get()
+        if value is None or value.is_absolute() or context is None or context.path is None:
+            return value
+        return context.path.parent / value
+
+
 @dataclass(frozen=True)
 class _LoadContext:
     path: Path | None
@@ -213,6 +254,7 @@ class Settings(BaseSettings):
     web: WebSettings = Field(default_factory=WebSettings)
     embedded: EmbeddedSettings = Field(default_factory=EmbeddedSettings)
     log: LogSettings = Field(default_factory=LogSettings)
+    classification: ClassificationSettings = Field(default_factory=ClassificationSettings)
 
     @classmethod
     def settings_customise_sources(

@@ -13,15 +13,19 @@ import json
 import os
 import signal
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import uvicorn
 from pydantic import SecretStr
 
+from ingest.chain import ChainConfig, IntakeChain
+from ingest.consumer import IntakeConfig, KafkaIntake
+from ingest.store import Classifier, LeadStore
 from leadflow.db import make_engine, upgrade
 from leadflow.embedded import EmbeddedServers
 from leadflow.errors import StartupError
@@ -29,6 +33,7 @@ from leadflow.kafka import ensure_topics
 from leadflow.logs import get_logger
 from leadflow.settings import Settings, masked_url
 from leadflow.web import WebContext, create_app
+from schemas.lead import Classification, CustomerContext, Lead
 
 log = get_logger("leadflow.stack")
 
@@ -133,14 +138,59 @@ def bind_web(host: str, port: int) -> socket.socket:
     return sock
 
 
+def intake_worker(settings: Settings, classifier: Callable[[], Classifier]) -> KafkaIntake:
+    """The real-time intake role, wired from the settings."""
+    assert settings.database.url is not None
+    url = settings.database.url.get_secret_value()
+    timeout = max(1, int(settings.database.connect_timeout.total_seconds()))
+    intake = settings.intake
+    return KafkaIntake(
+        IntakeConfig(
+            topic=settings.topics.raw,
+            dlq_topic=settings.topics.dlq,
+            group=intake.consumer_group,
+            batch_size=intake.batch_size,
+            batch_wait=intake.batch_wait,
+            retry_backoff_max=intake.retry_backoff_max,
+        ),
+        settings.kafka.client_options(),
+        lambda: psycopg.connect(
+            url, autocommit=True, connect_timeout=timeout, application_name="leadflow-intake"
+        ),
+        IntakeChain(
+            ChainConfig(
+                default_region=intake.default_region,
+                max_event_bytes=intake.max_event_bytes,
+                require_consent=intake.require_consent,
+            )
+        ),
+        LeadStore(intake.dedup_window),
+        classifier,
+    )
+
+
+def default_classifier(settings: Settings) -> Callable[[], Classifier]:
+    """Every lead to the default business line and segment (until rules are configured)."""
+
+    def decide(
+        leads: Sequence[Lead], now: datetime, context: Mapping[str, CustomerContext]
+    ) -> list[Classification]:
+        return [Classification("general", "default", 50, (), "defaults") for _ in leads]
+
+    return lambda: decide
+
+
 async def _serve(
     settings: Settings,
-    servers: EmbeddedServers | None,
+    roles: Sequence[str],
     announce: Announce,
-    runtime_path: Path | None,
-    web_socket: socket.socket,
+    *,
+    servers: EmbeddedServers | None = None,
+    runtime_path: Path | None = None,
+    web_socket: socket.socket | None = None,
 ) -> None:
-    """Run the roles until SIGINT/SIGTERM or until an embedded server dies.
+    """Run the roles until SIGINT/SIGTERM, until an embedded server dies, or until a role fails
+    (then re-raise: a supervisor should restart a worker whose role broke).
 
     `runtime_path` (for `up` only) records where everything runs, for `status` and `run`.
     """
@@ -149,66 +199,95 @@ async def _serve(
         log.info("topics created", topics=created)
 
     assert settings.database.url is not None
-    engine = make_engine(
-        settings.database.url.get_secret_value(), pool_size=settings.database.pool_size
-    )
-    port = int(web_socket.getsockname()[1])
-    config = uvicorn.Config(
-        create_app(WebContext(settings, engine)),
-        host=settings.web.host,
-        port=port,
-        log_config=None,
-        access_log=False,
-        lifespan="on",
-    )
-    web = _Server(config)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-
-    async def watch_servers() -> None:
-        while servers is not None:
-            for name, server in (("postgres", servers.postgres), ("kafka", servers.kafka)):
-                if server is not None and not server.alive():
-                    log.error("embedded server exited; stopping", server=name)
-                    stop.set()
-                    return
-            await asyncio.sleep(1)
-
-    web_task = asyncio.create_task(web.serve(sockets=[web_socket]), name="web")
-    watch_task = asyncio.create_task(watch_servers(), name="watch-servers")
-    while not web.started and not web_task.done():  # noqa: ASYNC110 - uvicorn offers no event
-        await asyncio.sleep(0.05)
-    if web_task.done():
-        await web_task  # surfaces the bind error
-    web_url = f"http://{settings.web.host}:{port}"
-    runtime = {
+    tasks: dict[str, asyncio.Task[Any]] = {}
+    engine = None
+    web: _Server | None = None
+    runtime: dict[str, Any] = {
         "pid": os.getpid(),
         "started_at": datetime.now(UTC).isoformat(),
         "database_url": settings.database.url.get_secret_value(),
         "kafka_bootstrap": settings.kafka.bootstrap,
-        "web_url": web_url,
+        "web_url": None,
+        "roles": list(roles),
         "embedded_postgres": servers is not None and servers.postgres is not None,
         "embedded_kafka": servers is not None and servers.kafka is not None,
     }
-    if runtime_path is not None:
-        _write_runtime(runtime_path, runtime)
-    announce(runtime)
     try:
-        await stop.wait()
+        if "web" in roles:
+            assert web_socket is not None
+            engine = make_engine(
+                settings.database.url.get_secret_value(), pool_size=settings.database.pool_size
+            )
+            port = int(web_socket.getsockname()[1])
+            web = _Server(
+                uvicorn.Config(
+                    create_app(WebContext(settings, engine)),
+                    host=settings.web.host,
+                    port=port,
+                    log_config=None,
+                    access_log=False,
+                    lifespan="on",
+                )
+            )
+            tasks["web"] = asyncio.create_task(web.serve(sockets=[web_socket]), name="web")
+            while not web.started and not tasks["web"].done():  # noqa: ASYNC110 - uvicorn has no event
+                await asyncio.sleep(0.05)
+            runtime["web_url"] = f"http://{settings.web.host}:{port}"
+        if "intake" in roles:
+            worker = intake_worker(settings, default_classifier(settings))
+            tasks["intake"] = asyncio.create_task(worker.run(stop), name="intake")
+        if servers is not None:
+            tasks["watch"] = asyncio.create_task(
+                _watch_servers(servers, stop), name="watch-servers"
+            )
+        if runtime_path is not None:
+            _write_runtime(runtime_path, runtime)
+        announce(runtime)
+        stopping = asyncio.create_task(stop.wait(), name="stop")
+        done, _ = await asyncio.wait(
+            [stopping, *tasks.values()], return_when=asyncio.FIRST_COMPLETED
+        )
+        stopping.cancel()
+        for task in done:
+            if task is not stopping and task.exception() is not None:
+                log.error(
+                    "role failed; stopping", role=task.get_name(), error=repr(task.exception())
+                )
     finally:
         log.info("stopping")
-        web.should_exit = True
-        watch_task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await watch_task
-        await web_task
-        engine.dispose()
+        stop.set()
+        if web is not None:
+            web.should_exit = True
+        results = await asyncio.gather(*tasks.values(), return_exceptions=True)
+        if engine is not None:
+            engine.dispose()
         if runtime_path is not None:
             _write_runtime(runtime_path, None)
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
+    for name, outcome in zip(tasks, results, strict=True):
+        if isinstance(outcome, BaseException) and not isinstance(outcome, asyncio.CancelledError):
+            raise RuntimeError(f"the {name} role failed: {outcome!r}") from outcome
+
+
+async def _watch_servers(servers: EmbeddedServers, stop: asyncio.Event) -> None:
+    while not stop.is_set():
+        for name, server in (("postgres", servers.postgres), ("kafka", servers.kafka)):
+            if server is not None and not server.alive():
+                log.error("embedded server exited; stopping", server=name)
+                stop.set()
+                return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), 1)
+
+
+#: The roles `leadflow up` runs in one process, and those `leadflow run ROLE` can run alone.
+UP_ROLES = ("web", "intake")
+BUILT_ROLES = frozenset(UP_ROLES)
 
 
 def up(settings: Settings, announce: Announce) -> None:
@@ -240,18 +319,25 @@ def up(settings: Settings, announce: Announce) -> None:
         with contextlib.suppress(KeyboardInterrupt):
             asyncio.run(
                 _serve(
-                    live, servers, announce, settings.embedded.data_dir / RUNTIME_FILE, web_socket
+                    live,
+                    UP_ROLES,
+                    announce,
+                    servers=servers,
+                    runtime_path=settings.embedded.data_dir / RUNTIME_FILE,
+                    web_socket=web_socket,
                 )
             )
 
 
 def serve_role(settings: Settings, endpoints: Endpoints, role: str, announce: Announce) -> None:
     """`leadflow run ROLE`: one role against existing servers, until SIGINT/SIGTERM."""
-    if role != "web":
+    if role not in BUILT_ROLES:
         raise ValueError(f"role {role!r} is not built yet")
     live = with_endpoints(settings, endpoints.database_url, endpoints.kafka_bootstrap)
-    with (
-        bind_web(settings.web.host, settings.web.port) as web_socket,
-        contextlib.suppress(KeyboardInterrupt),
-    ):
-        asyncio.run(_serve(live, None, announce, None, web_socket))
+    with contextlib.ExitStack() as stack, contextlib.suppress(KeyboardInterrupt):
+        web_socket = (
+            stack.enter_context(bind_web(settings.web.host, settings.web.port))
+            if role == "web"
+            else None
+        )
+        asyncio.run(_serve(live, [role], announce, web_socket=web_socket))
