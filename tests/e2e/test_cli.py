@@ -160,10 +160,10 @@ def test_help_lists_every_contract_command(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     "args",
     [
-        ["publish", "x.jsonl"],
-        ["rules", "check", "r.yaml"],
         ["agents", "list"],
-        ["bench", "intake"],
+        ["bench", "allocate"],
+        ["run", "allocator"],
+        ["simulate"],
         ["up", "--demo"],
     ],
 )
@@ -185,3 +185,10 @@ def test_up_on_a_taken_web_port_explains_and_starts_nothing(tmp_path: Path) -> N
     assert "LEADFLOW_WEB_PORT" in result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / ".leadflow" / "postgres").exists()
+
+
+def test_publish_without_a_broker_explains(tmp_path: Path) -> None:
+    (tmp_path / "events.jsonl").write_text("{}\n")
+    result = leadflow("publish", "events.jsonl", cwd=tmp_path)
+    assert result.returncode == 1
+    assert "No Kafka broker to publish to" in result.stderr
