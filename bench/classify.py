@@ -23,6 +23,9 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from rich.console import Console
+from rich.table import Table
+
 from bench.common import machine, write_report
 from classify import RuleSet, classify, parse_rules
 from schemas.lead import CustomerContext, Hints, Lead
@@ -239,3 +242,26 @@ def run(leads: int = 200_000, repeats: int = 5, json_path: Path | None = None) -
     }
     write_report(json_path, report)
     return report
+
+
+def show(console: Console, report: dict[str, Any]) -> None:
+    """The report as a table, for people."""
+    details = report["details"]
+    table = Table(title="leadflow bench classify", title_justify="left")
+    table.add_column("measure")
+    table.add_column("value", justify="right")
+    table.add_row(
+        "rules",
+        f"{report['rules']} ({details['line_rules']} line, {details['segment_rules']} segment)",
+    )
+    table.add_row("leads", f"{report['leads']:,}")
+    table.add_row("leads/s (median of runs)", f"[bold]{report['rate']:,}[/]")
+    table.add_row("leads/s per core (CPU time)", f"{report['rate_per_core']:,}")
+    table.add_row("leads/s (slowest run)", f"{details['rate_slowest']:,}")
+    table.add_row("distinct decisions", f"{details['distinct_decisions']:,}")
+    table.add_row("compile rules", f"{details['compile_ms']} ms")
+    machine = details["machine"]
+    table.add_row(
+        "machine", f"{machine['cpu']}, {machine['cores']} cores, Python {machine['python']}"
+    )
+    console.print(table)

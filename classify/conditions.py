@@ -176,6 +176,8 @@ class Atom:
         if self.op == "exists":
             return f"{self.field} {'exists' if self.value else 'is missing'}"
         value = self.value
+        if isinstance(value, tuple) and len(value) == 1 and self.op in ("starts_with", "ends_with"):
+            value = value[0]
         shown = (
             "[" + ", ".join(map(_show, value)) + "]" if isinstance(value, tuple) else _show(value)
         )

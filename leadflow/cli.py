@@ -352,28 +352,137 @@ def sources_reset(name: str) -> None:
     _not_yet("sources reset", "the stock-data pollers")
 
 
+RulesFileArgument = Annotated[
+    Path | None,
+    typer.Argument(
+        help="The rules file (default: classification.rules_file of the settings).",
+        dir_okay=False,
+        show_default=False,
+    ),
+]
+
+
 @rules_app.command("check")
-def rules_check(file: Path) -> None:
-    """Validate a classification rules file."""
-    _not_yet("rules check", "the classification rules")
+def rules_check(
+    ctx: typer.Context,
+    file: RulesFileArgument = None,
+    strict: Annotated[bool, typer.Option("--strict", help="Exit 1 on warnings too.")] = False,
+) -> None:
+    """Validate a classification rules file, list its rules, warn about rules that never match."""
+    settings = _settings(ctx)
+    from classify import lint
+    from leadflow.rules import defaults_of, load, rules_path, show_check
+
+    rules = load(file or rules_path(settings), defaults_of(settings))
+    warnings = lint(rules)
+    show_check(console, rules, warnings)
+    if strict and warnings:
+        raise typer.Exit(1)
 
 
 @rules_app.command("explain")
-def rules_explain() -> None:
-    """Show which rule matches an event and why earlier ones did not."""
-    _not_yet("rules explain", "the classification rules")
+def rules_explain(
+    ctx: typer.Context,
+    event: Annotated[
+        Path, typer.Option("--event", help="A LeadEvent v1 JSON file.", dir_okay=False)
+    ],
+    rules_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--rules", help="Rules file (default: classification.rules_file).", dir_okay=False
+        ),
+    ] = None,
+    now: Annotated[
+        str | None,
+        typer.Option(
+            "--now", help="Classify as at this ISO 8601 time (default: the current time)."
+        ),
+    ] = None,
+    intake: Annotated[
+        str, typer.Option("--intake", help="How the lead came in: realtime, stock, staging, http.")
+    ] = "realtime",
+    returning: Annotated[
+        bool, typer.Option("--returning", help="Treat the customer as a returning customer.")
+    ] = False,
+    open_line: Annotated[
+        list[str] | None,
+        typer.Option("--open-line", help="A line the customer has an open lead in (repeatable)."),
+    ] = None,
+) -> None:
+    """Show which rule matches an event at each level and why each earlier rule did not."""
+    settings = _settings(ctx)
+    from datetime import UTC, datetime
+
+    from classify import explain
+    from leadflow.rules import (
+        RulesInvalid,
+        defaults_of,
+        lead_from_event,
+        load,
+        read_event,
+        rules_path,
+        show_explanation,
+    )
+    from schemas.lead import CustomerContext
+    from schemas.vocab import INTAKES
+
+    if intake not in INTAKES:
+        raise typer.BadParameter(f"choose one of {', '.join(INTAKES)}", param_hint="--intake")
+    at = datetime.now(UTC)
+    if now is not None:
+        try:
+            at = datetime.fromisoformat(now)
+        except ValueError:
+            raise RulesInvalid(f"--now {now!r} is not an ISO 8601 time.") from None
+        if at.tzinfo is None:
+            raise RulesInvalid(f"--now {now!r} needs a UTC offset, e.g. +08:00.")
+    rules = load(rules_file or rules_path(settings), defaults_of(settings))
+    lead = lead_from_event(read_event(event), intake)
+    context = CustomerContext(returning, frozenset(open_line or ()))
+    show_explanation(console, explain(lead, rules, at, context), rules)
 
 
 @rules_app.command("test")
-def rules_test() -> None:
-    """Run rule test cases."""
-    _not_yet("rules test", "the classification rules")
+def rules_test(
+    ctx: typer.Context,
+    cases: Annotated[
+        Path, typer.Option("--cases", help="The case table (YAML), see deploy/rules.cases.yaml.")
+    ],
+    file: RulesFileArgument = None,
+) -> None:
+    """Run a table of event -> expected line/segment cases; exit 1 if any fails."""
+    settings = _settings(ctx)
+    from leadflow.rules import defaults_of, load, load_cases, rules_path, run_cases, show_results
+
+    rules = load(file or rules_path(settings), defaults_of(settings))
+    results = run_cases(rules, load_cases(cases))
+    show_results(console, results, rules)
+    if not all(r.passed for r in results):
+        raise typer.Exit(1)
 
 
 @rules_app.command("reload")
-def rules_reload() -> None:
-    """Reload the rules in running workers."""
-    _not_yet("rules reload", "the classification rules")
+def rules_reload(ctx: typer.Context) -> None:
+    """Check the configured rules file, then tell every running worker to reload it."""
+    settings = _settings(ctx)
+    from leadflow.rules import defaults_of, load, reload_payload, rules_path, send_reload
+    from leadflow.stack import resolve_endpoints
+
+    path = rules_path(settings)
+    rules = load(path, defaults_of(settings))  # a broken file is never announced
+    url = resolve_endpoints(settings).database_url
+    if url is None:
+        raise ServiceUnavailable(
+            "No workers to reach: no database.url is configured and no `leadflow up` is running "
+            f"from this directory (no live {settings.embedded.data_dir}/runtime.json). Workers "
+            "also pick up a changed rules file by themselves."
+        )
+    listeners = send_reload(url, reload_payload(rules))
+    console.print(
+        f"{path}: version [bold]{rules.version}[/] is valid; reload sent through PostgreSQL "
+        f"({masked_url(url)}) to {listeners} listening worker{'s' if listeners != 1 else ''}.",
+        highlight=False,
+    )
 
 
 @agents_app.command("import")
@@ -412,12 +521,26 @@ BENCH_SCENARIOS = ("intake", "classify", "staging", "allocate", "latency", "repo
 @app.command()
 def bench(
     scenario: Annotated[str, typer.Argument(help=f"One of: {', '.join(BENCH_SCENARIOS)}.")],
+    leads: Annotated[
+        int | None,
+        typer.Option("--leads", min=1, help="How many leads to use (default: the scenario's)."),
+    ] = None,
+    json_path: Annotated[
+        Path | None,
+        typer.Option("--json", help="Also write the report as JSON to this file.", dir_okay=False),
+    ] = None,
 ) -> None:
     """Run a benchmark scenario on the embedded servers."""
     if scenario not in BENCH_SCENARIOS:
         raise typer.BadParameter(
             f"unknown scenario {scenario!r}; choose one of {', '.join(BENCH_SCENARIOS)}"
         )
+    if scenario == "classify":
+        from bench.classify import run as run_classify
+        from bench.classify import show as show_classify
+
+        show_classify(console, run_classify(leads or 200_000, json_path=json_path))
+        return
     _not_yet(f"bench {scenario}", "the issue that builds what it measures")
 
 
