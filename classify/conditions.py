@@ -428,9 +428,11 @@ class Parser:
         self.problems = problems
         self.segment_level = segment_level
         self._nodes = 0
+        self._too_big = False
 
     def parse(self, data: Any, path: Path) -> Cond:
         self._nodes = 0
+        self._too_big = False
         if data is None:
             return make_all(())
         return self._cond(data, path, 0)
@@ -441,7 +443,8 @@ class Parser:
     def _cond(self, data: Any, path: Path, depth: int) -> Cond:
         self._nodes += 1
         if self._nodes > MAX_NODES_PER_RULE:
-            if self._nodes == MAX_NODES_PER_RULE + 1:
+            if not self._too_big:  # say it once per rule
+                self._too_big = True
                 self._problem(path, f"a condition may hold at most {MAX_NODES_PER_RULE} tests")
             return make_all(())
         if depth > MAX_DEPTH:

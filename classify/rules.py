@@ -430,7 +430,8 @@ class _RulesReader:
         if not isinstance(rule_id, str) or not _RULE_ID.match(rule_id):
             self.problem(
                 (*path, "id"),
-                "every rule needs an id: 1 to 64 letters, digits, '_', '.' or '-'",
+                "every rule needs an id: 1 to 64 letters, digits, '_', '.' or '-'"
+                + _quote_hint(rule_id),
             )
             return False
         if rule_id in self.ids:
@@ -500,7 +501,7 @@ class _RulesReader:
             self.problem(
                 path,
                 "a name of 1 to 64 lower-case letters, digits, '_', '.' or '-' "
-                f"(like personal_credit_loan), not {str(value)[:40]!r}",
+                f"(like personal_credit_loan), not {str(value)[:40]!r}" + _quote_hint(value),
             )
             return None
         return value
@@ -516,6 +517,12 @@ class _RulesReader:
     def line_of(self, path: Path) -> int:
         mark = self.document.marks.get(path)
         return mark[0] if mark else 0
+
+
+def _quote_hint(value: Any) -> str:
+    if isinstance(value, bool | int | float):
+        return " (YAML reads yes/no/on/off as true/false and digits as numbers: quote it)"
+    return ""
 
 
 def _dotted(path: Path) -> str:
