@@ -219,7 +219,7 @@ class ClassificationSettings(_Section):
     reload_interval: Duration = Field(
         default=timedelta(seconds=2),
         ge=timedelta(0),
-        description="How often workers look for a changed rules file; 0 stops looking.",
+        description="How often workers look for a changed rules file; 0s stops looking.",
     )
 
     @field_validator("rules_file")
