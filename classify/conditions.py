@@ -14,8 +14,9 @@ A condition is YAML data, never code:
 
 Why data and not an expression string: the ops team writes these, and a mapping can be checked
 key by key with a YAML position for every mistake, cannot smuggle code, and compiles straight to
-small Python closures (~0.1 µs a test, against ~18 µs for rule-engine and ~300 µs for cel-python
-per rule, measured in DESIGN.md). Nothing here reaches eval, exec, compile, getattr or imports:
+small Python closures: ~0.1 µs for `event_type = x and age_days <= 30`, where rule-engine's
+`matches` took ~3.7 µs for the same rule on the same machine and DESIGN.md measured cel-python
+at ~300 µs. Nothing here reaches eval, exec, compile, getattr or imports:
 field names come from a fixed table, attribute paths only index into the event's `attributes`
 mapping, there is no arithmetic (so no huge exponent to compute) and every size is bounded.
 
