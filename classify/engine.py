@@ -353,11 +353,14 @@ class Plan:
         if hints is not None and hints.segment:
             segment_level = Level("segment", hints.segment, "hint", ())
         else:
-            applicable = self.segments_for.get(line_level.value, self.any_line_segments)
+            applicable = {
+                rule.id
+                for rule, _ in self.segments_for.get(line_level.value, self.any_line_segments)
+            }
             steps = []
             segment = self.defaults.segment
             for rule, test in self.segment_tests:
-                if (rule, test) not in applicable:
+                if rule.id not in applicable:
                     lines = ", ".join(sorted(rule.lines or ()))
                     steps.append(Step(rule.id, False, (), f"only for {lines}"))
                 elif test(facts):
