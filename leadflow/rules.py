@@ -207,6 +207,8 @@ async def watch_rules(
     off), on SIGHUP (when running in the main thread), and on NOTIFY leadflow_rules_reload
     when `database_url` is given. Never raises for a bad file or a database that is down: the
     listener reconnects with backoff and reloads once reconnected, in case it missed a request.
+    Run one per process and share its holder between the roles there: a process has one
+    SIGHUP handler, and the watcher removes it when it stops.
     """
     loop = asyncio.get_running_loop()
     wake = asyncio.Event()
