@@ -96,6 +96,8 @@ class KafkaIntake:
         self.busy = asyncio.Lock()
         self.consumer: AIOKafkaConsumer | None = None
         self.batches = 0
+        self.records = 0  # records handled (stored or rejected)
+        self.generation = 0  # bumped by every rebalance
 
     # -- database, with reconnects ---------------------------------------------------------
 
@@ -111,12 +113,11 @@ class KafkaIntake:
         self._conn = None
 
     def stored_offsets(self, partitions: Sequence[int]) -> dict[int, int]:
-        rows = (
-            self._connection()
-            .execute(_LOAD_OFFSETS, (self.config.group, self.config.topic, list(partitions)))
-            .fetchall()
-        )
-        self._connection().commit()
+        conn = self._connection()
+        with conn.transaction():
+            rows = conn.execute(
+                _LOAD_OFFSETS, (self.config.group, self.config.topic, list(partitions))
+            ).fetchall()
         return {int(partition): int(offset) for partition, offset in rows}
 
     # -- the loop ----------------------------------------------------------------------------
@@ -139,21 +140,35 @@ class KafkaIntake:
         wait_ms = int(config.batch_wait.total_seconds() * 1000)
         try:
             while not stop.is_set():
+                generation = self.generation
                 fetched = await consumer.getmany(
                     timeout_ms=wait_ms or 1, max_records=config.batch_size
                 )
-                records = [
-                    Record(m.value, m.key, m.topic, m.partition, m.offset)
-                    for messages in fetched.values()
-                    for m in messages
-                ]
-                if records:
-                    next_offsets = {
-                        (tp.topic, tp.partition): messages[-1].offset + 1
-                        for tp, messages in fetched.items()
-                        if messages
-                    }
-                    async with self.busy:
+                async with self.busy:
+                    if self.generation != generation:
+                        # Fetched across a rebalance: this worker may no longer own some of these
+                        # partitions. Put back what it still owns (reading again is a no-op at
+                        # worst, skipping would not be) and let the next poll decide.
+                        owned = consumer.assignment()
+                        for tp, messages in fetched.items():
+                            if (
+                                messages
+                                and tp in owned
+                                and await consumer.position(tp) > messages[0].offset
+                            ):
+                                consumer.seek(tp, messages[0].offset)
+                        continue
+                    records = [
+                        Record(m.value, m.key, m.topic, m.partition, m.offset)
+                        for messages in fetched.values()
+                        for m in messages
+                    ]
+                    if records:
+                        next_offsets = {
+                            (tp.topic, tp.partition): messages[-1].offset + 1
+                            for tp, messages in fetched.items()
+                            if messages
+                        }
                         await self._handle(records, next_offsets, producer, consumer, stop)
                 await self._report_lag(consumer)
         finally:
@@ -205,6 +220,7 @@ class KafkaIntake:
                 }
             )
         self.batches += 1
+        self.records += len(records)
         metrics.BATCH_SIZE.labels("realtime").observe(len(records))
         metrics.BATCH_SECONDS.labels("realtime").observe(time.perf_counter() - started)
         for outcome in ("new", "merged", "duplicate"):
@@ -271,8 +287,9 @@ class _SeekToStoredOffsets(ConsumerRebalanceListener):  # type: ignore[misc]
         self.stop = stop
 
     async def on_partitions_revoked(self, revoked: Sequence[TopicPartition]) -> None:
-        async with self.intake.busy:
-            pass
+        async with self.intake.busy:  # the batch in hand commits first
+            if revoked:
+                self.intake.generation += 1
 
     async def on_partitions_assigned(self, assigned: Sequence[TopicPartition]) -> None:
         if not assigned:
@@ -280,11 +297,15 @@ class _SeekToStoredOffsets(ConsumerRebalanceListener):  # type: ignore[misc]
         consumer = self.intake.consumer
         assert consumer is not None
         partitions = [tp.partition for tp in assigned]
-        stored = await self.intake.retry(
-            "database",
-            self.stop,
-            lambda: asyncio.to_thread(self.intake.stored_offsets, partitions),
-        )
+        # The coordinator calls this from its own task, possibly while a batch is being stored
+        # on the worker's connection: wait for that batch, as on revocation.
+        async with self.intake.busy:
+            self.intake.generation += 1
+            stored = await self.intake.retry(
+                "database",
+                self.stop,
+                lambda: asyncio.to_thread(self.intake.stored_offsets, partitions),
+            )
         for tp in assigned:
             if stored and tp.partition in stored:
                 consumer.seek(tp, stored[tp.partition])
