@@ -16,6 +16,7 @@ from functools import lru_cache
 from typing import Any
 
 from email_validator import EmailNotValidError, validate_email
+from email_validator.rfc_constants import CASE_INSENSITIVE_MAILBOX_NAMES
 from pydantic import ValidationError
 
 from ingest.phones import InvalidPhone, PhoneNormaliser
@@ -195,7 +196,12 @@ def clean_email(email: str | None) -> str | None:
     if not email:
         return None
     match = _PLAIN_EMAIL.fullmatch(email)
-    if match and len(match[1]) <= 64 and len(email) <= 254:
+    if (
+        match
+        and len(match[1]) <= 64
+        and len(email) <= 254
+        and match[1].lower() not in CASE_INSENSITIVE_MAILBOX_NAMES  # these get lowercased
+    ):
         domain = _email_domain(match[2])
         return f"{match[1]}@{domain}" if domain is not None else None
     try:

@@ -55,15 +55,17 @@ class PhoneNormaliser:
         self._region_timezone = self._single_timezone()
 
     def _single_timezone(self) -> str | None:
-        """The region's timezone when every number of it has the same one (e.g. CN)."""
-        example = phonenumbers.example_number_for_type(
-            self.region, phonenumbers.PhoneNumberType.MOBILE
-        )
-        if example is None:
-            return None
-        zones = phone_timezone.time_zones_for_number(example)
-        region_zones = {z for z in zones if z != "Etc/Unknown"}
-        return region_zones.pop() if len(region_zones) == 1 and len(zones) == 1 else None
+        """The timezone of every number of the country code, when there is just one (CN)."""
+        from phonenumbers.tzdata import TIMEZONE_DATA
+
+        zones = {
+            zone
+            for prefix, found in TIMEZONE_DATA.items()
+            if prefix.startswith(self.country_code)  # country codes are prefix-free
+            for zone in found
+        }
+        zones.discard("Etc/Unknown")
+        return zones.pop() if len(zones) == 1 else None
 
     def fast(self, text: str) -> str | None:
         """E.164 for a default-region mobile in a common shape, else None (no opinion)."""

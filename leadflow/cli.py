@@ -437,7 +437,7 @@ def rules_explain(
         if at.tzinfo is None:
             raise RulesInvalid(f"--now {now!r} needs a UTC offset, e.g. +08:00.")
     rules = load(rules_file or rules_path(settings), defaults_of(settings))
-    lead = lead_from_event(read_event(event), intake)
+    lead = lead_from_event(read_event(event), intake, default_region=settings.intake.default_region)
     context = CustomerContext(returning, frozenset(open_line or ()))
     show_explanation(console, explain(lead, rules, at, context), rules)
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import os
 import signal
@@ -49,6 +50,7 @@ from classify import (
     classify,
     load_rules,
 )
+from ingest.chain import ChainConfig, IntakeChain, Record, Rejected
 from leadflow.errors import LeadflowError, ServiceUnavailable
 from leadflow.logs import get_logger
 from leadflow.settings import Settings, masked_url
@@ -327,33 +329,25 @@ def reload_payload(rules: RuleSet) -> str:
 
 
 def lead_from_event(
-    event: LeadEvent, intake: Intake = "realtime", hints: Hints | None = None
+    event: LeadEvent,
+    intake: Intake = "realtime",
+    hints: Hints | None = None,
+    default_region: str = "CN",
 ) -> Lead:
-    """A `Lead` from a valid LeadEvent, the phone as given (no normalisation here).
-
-    Enough for explaining and testing rules, which never read the phone; the intake chain
-    builds the real thing.
+    """The `Lead` the intake chain would make of a valid LeadEvent (phone in E.164, timezone
+    from the phone when the event has none), or `RulesInvalid` when the intake would reject it.
     """
-    customer = event.customer
-    return Lead(
-        event_id=event.event_id,
-        occurred_at=event.occurred_at,
-        source=event.source,
-        event_type=event.event_type,
-        phone=customer.phone,
-        intake=intake,
-        channel=event.channel,
-        product=event.product,
-        campaign=event.campaign,
-        region=customer.region,
-        timezone=customer.timezone,
-        external_id=customer.external_id,
-        name=customer.name,
-        email=customer.email,
-        consent=event.consent.telemarketing if event.consent else None,
-        attributes=event.attributes,
-        hints=hints,
-    )
+    outcome = _normaliser(default_region).normalise(Record(None), event, intake, "", hints)
+    if isinstance(outcome, Rejected):
+        raise RulesInvalid(
+            f"the intake would reject this event ({outcome.code}): {outcome.detail}."
+        )
+    return outcome.lead
+
+
+@functools.lru_cache(maxsize=8)
+def _normaliser(default_region: str) -> IntakeChain:
+    return IntakeChain(ChainConfig(default_region=default_region))
 
 
 def read_event(path: Path) -> LeadEvent:

@@ -23,6 +23,7 @@ import psycopg
 import uvicorn
 from pydantic import SecretStr
 
+from classify import classify
 from ingest.chain import ChainConfig, IntakeChain
 from ingest.consumer import IntakeConfig, KafkaIntake
 from ingest.store import Classifier, LeadStore
@@ -31,6 +32,7 @@ from leadflow.embedded import EmbeddedServers
 from leadflow.errors import StartupError
 from leadflow.kafka import ensure_topics
 from leadflow.logs import get_logger
+from leadflow.rules import RulesHolder, watch_rules
 from leadflow.settings import Settings, masked_url
 from leadflow.web import WebContext, create_app
 from schemas.lead import Classification, CustomerContext, Lead
@@ -169,15 +171,21 @@ def intake_worker(settings: Settings, classifier: Callable[[], Classifier]) -> K
     )
 
 
-def default_classifier(settings: Settings) -> Callable[[], Classifier]:
-    """Every lead to the default business line and segment (until rules are configured)."""
+def rules_classifier(holder: RulesHolder) -> Callable[[], Classifier]:
+    """The classifier of the rules in force: asked once per batch, so a reload applies between
+    batches and every batch is classified by exactly one rule set."""
 
-    def decide(
-        leads: Sequence[Lead], now: datetime, context: Mapping[str, CustomerContext]
-    ) -> list[Classification]:
-        return [Classification("general", "default", 50, (), "defaults") for _ in leads]
+    def current() -> Classifier:
+        rules = holder.rules
 
-    return lambda: decide
+        def decide(
+            leads: Sequence[Lead], now: datetime, context: Mapping[str, CustomerContext]
+        ) -> list[Classification]:
+            return classify(leads, rules, now, context)
+
+        return decide
+
+    return current
 
 
 async def _serve(
@@ -238,7 +246,12 @@ async def _serve(
                 await asyncio.sleep(0.05)
             runtime["web_url"] = f"http://{settings.web.host}:{port}"
         if "intake" in roles:
-            worker = intake_worker(settings, default_classifier(settings))
+            holder = RulesHolder.from_settings(settings)
+            tasks["rules"] = asyncio.create_task(
+                watch_rules(holder, settings, settings.database.url.get_secret_value(), stop),
+                name="rules",
+            )
+            worker = intake_worker(settings, rules_classifier(holder))
             tasks["intake"] = asyncio.create_task(worker.run(stop), name="intake")
         if servers is not None:
             tasks["watch"] = asyncio.create_task(
