@@ -46,6 +46,8 @@ class IntakeConfig:
     batch_size: int = 2000
     batch_wait: timedelta = timedelta(milliseconds=50)
     retry_backoff_max: timedelta = timedelta(seconds=30)
+    session_timeout: timedelta = timedelta(seconds=10)
+    heartbeat_interval: timedelta = timedelta(seconds=3)
 
 
 class Backoff:
@@ -131,6 +133,8 @@ class KafkaIntake:
             enable_auto_commit=False,
             auto_offset_reset="earliest",
             max_poll_records=config.batch_size,
+            session_timeout_ms=int(config.session_timeout.total_seconds() * 1000),
+            heartbeat_interval_ms=int(config.heartbeat_interval.total_seconds() * 1000),
         )
         self.consumer = consumer
         await self.retry("kafka", stop, producer.start)

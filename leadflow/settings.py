@@ -50,9 +50,15 @@ _UNIT_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 60480
 
 
 def _parse_duration(value: Any) -> Any:
-    """Accept '90s', '5m', '2h', '30d' besides what pydantic takes (seconds, ISO 8601)."""
-    if isinstance(value, str) and (match := _DURATION.match(value)):
-        return timedelta(seconds=float(match[1]) * _UNIT_SECONDS[match[2]])
+    """Accept '90s', '5m', '2h', '30d' and a bare number of seconds (also as text, as the
+    environment gives it) besides what pydantic takes (ISO 8601)."""
+    if isinstance(value, str):
+        if match := _DURATION.match(value):
+            return timedelta(seconds=float(match[1]) * _UNIT_SECONDS[match[2]])
+        try:
+            return timedelta(seconds=float(value))
+        except ValueError:
+            return value
     return value
 
 
@@ -167,6 +173,14 @@ class IntakeSettings(_Section):
         description="How long a poll waits for records before handling what it has.",
     )
     retry_backoff_max: Duration = Field(default=timedelta(seconds=30), gt=timedelta(0))
+    session_timeout: Duration = Field(
+        default=timedelta(seconds=10),
+        ge=timedelta(seconds=1),
+        description="A worker silent this long leaves the group; its partitions move on.",
+    )
+    heartbeat_interval: Duration = Field(
+        default=timedelta(seconds=3), ge=timedelta(milliseconds=100)
+    )
 
     @field_validator("default_region")
     @classmethod

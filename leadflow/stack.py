@@ -154,6 +154,8 @@ def intake_worker(settings: Settings, classifier: Callable[[], Classifier]) -> K
             batch_size=intake.batch_size,
             batch_wait=intake.batch_wait,
             retry_backoff_max=intake.retry_backoff_max,
+            session_timeout=intake.session_timeout,
+            heartbeat_interval=intake.heartbeat_interval,
         ),
         settings.kafka.client_options(),
         lambda: psycopg.connect(

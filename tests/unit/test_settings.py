@@ -152,3 +152,12 @@ def test_environment_names_follow_key_paths() -> None:
 )
 def test_masked_url(url: str, shown: str) -> None:
     assert masked_url(url) == shown
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [("5", 5), ("2.5", 2.5), ("90s", 90), ("5m", 300), ("250ms", 0.25), ("PT1M", 60)],
+)
+def test_durations_from_the_environment(text: str, seconds: float) -> None:
+    settings = load_settings(environ={"LEADFLOW_DATABASE_CONNECT_TIMEOUT": text})
+    assert settings.database.connect_timeout == timedelta(seconds=seconds)
