@@ -5,6 +5,7 @@ template, and a unique topic per test."""
 from __future__ import annotations
 
 import asyncio
+import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +19,7 @@ from leadflow.db import make_engine, sqlalchemy_url
 from schemas import migrate
 from tests.servers import describe_choice, kafka_server, postgres_server
 
-TIERS = ("unit", "integration", "e2e")
+TIERS = ("unit", "integration", "e2e", "fault")
 
 
 def pytest_report_header() -> str:
@@ -62,15 +63,23 @@ def _drop_database(admin_url: str, name: str) -> None:
 
 
 @pytest.fixture(scope="session")
-def pg_admin_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def servers_dir() -> Iterator[Path]:
+    """Where the session's embedded servers keep their data. Not under pytest's numbered temp
+    directories: another pytest run on the machine prunes those, even while in use."""
+    with tempfile.TemporaryDirectory(prefix="leadflow-test-servers-") as directory:
+        yield Path(directory)
+
+
+@pytest.fixture(scope="session")
+def pg_admin_url(servers_dir: Path) -> Iterator[str]:
     """Admin URL (libpq form) of the PostgreSQL server for this run."""
-    with postgres_server(tmp_path_factory.mktemp("servers")) as url:
+    with postgres_server(servers_dir) as url:
         yield url
 
 
 @pytest.fixture(scope="session")
-def kafka_bootstrap(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    with kafka_server(tmp_path_factory.mktemp("servers")) as bootstrap:
+def kafka_bootstrap(servers_dir: Path) -> Iterator[str]:
+    with kafka_server(servers_dir) as bootstrap:
         yield bootstrap
 
 
