@@ -525,6 +525,12 @@ def bench(
         int | None,
         typer.Option("--leads", min=1, help="How many leads to use (default: the scenario's)."),
     ] = None,
+    events: Annotated[
+        int | None,
+        typer.Option(
+            "--events", min=1, help="How many events to pre-produce (intake; default 200000)."
+        ),
+    ] = None,
     json_path: Annotated[
         Path | None,
         typer.Option("--json", help="Also write the report as JSON to this file.", dir_okay=False),
@@ -540,6 +546,14 @@ def bench(
         from bench.classify import show as show_classify
 
         show_classify(console, run_classify(leads or 200_000, json_path=json_path))
+        return
+    if scenario == "intake":
+        from bench.intake import DEFAULT_EVENTS
+        from bench.intake import run as run_intake
+        from bench.intake import show as show_intake
+
+        count = events or leads or DEFAULT_EVENTS
+        show_intake(console, run_intake(count, json_path=json_path, console=console))
         return
     _not_yet(f"bench {scenario}", "the issue that builds what it measures")
 
