@@ -12,16 +12,23 @@ sources, channels and campaigns so that classification does real work. Then, in 
 and on the same servers, each with its own consumer group:
 
 - the raw limit: an aiokafka consumer reading the whole topic with `getmany`, `json.loads` of
-  every value, and a COPY of (event_id, payload) into an unindexed table, one transaction per
-  batch of the intake's batch size;
+  every value, and a COPY of (event_id, payload jsonb) into an unindexed table, one transaction
+  per batch of the intake's batch size;
 - the pipeline: the real intake worker (`leadflow.stack.intake_worker` with the demo rules) in a
-  child process, from the moment it starts until the offsets stored in `consumer_offsets` reach
-  the topic's end offsets, i.e. every event committed as a lead, a merge, a duplicate or a
-  DLQ record. The child reports its own peak RSS.
+  child process, until the offsets it stored in `consumer_offsets` reach the topic's end
+  offsets, i.e. every event committed as a lead, a merge, a duplicate or a DLQ record. The
+  child reports its own peak RSS.
 
-Both rates are events per wall-clock second over all N messages. The outcomes the worker
-counted are checked against the database, the DLQ and what was produced; any difference fails
-the run. The servers and the directory are removed at the end, also on Ctrl-C.
+Both rates are events per wall-clock second over all N messages, timed from the moment the
+consumer group gives the consumer its partitions to its last commit: the broker holds the first
+join of a group for a fixed few seconds (5 s on the embedded broker, 3 s by default on Kafka),
+which says nothing about throughput; the details give that wait and the rates including it. On
+Linux they also give the CPU time per event of each process (consumer or worker, PostgreSQL
+with its backends, the broker) while timed, and how many cores were busy: what bounds a rate.
+
+The outcomes the worker counted are checked against the database, the DLQ and what was
+produced; any difference fails the run. The servers and the directory are removed at the end,
+also on Ctrl-C or SIGTERM.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import random
 import shutil
 import signal
@@ -483,6 +491,52 @@ async def produce(
 _RAW_TABLE = "CREATE TABLE bench_raw (event_id text, payload jsonb)"  # no key, no index
 
 
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def _proc_stat(pid: int) -> list[str] | None:
+    """The fields of /proc/PID/stat after the command name (Linux), or None."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return text.rpartition(")")[2].split()
+
+
+def _cpu_ticks(pid: int, tree: bool) -> int | None:
+    fields = _proc_stat(pid)
+    if fields is None:
+        return None
+    ticks = int(fields[11]) + int(fields[12])  # utime + stime, all threads
+    if tree:
+        ticks += int(fields[13]) + int(fields[14])  # children that have exited
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit():
+                child = _proc_stat(int(entry.name))
+                if child is not None and int(child[1]) == pid:
+                    ticks += int(child[11]) + int(child[12])
+    return ticks
+
+
+@dataclass(frozen=True)
+class Processes:
+    """The processes whose CPU time a measurement accounts for: name -> (pid, with children).
+    PostgreSQL counts its backends and helpers. Linux only; elsewhere nothing is counted."""
+
+    pids: dict[str, tuple[int, bool]]
+
+    def but(self, **more: int) -> Processes:
+        return Processes({**self.pids, **{name: (pid, False) for name, pid in more.items()}})
+
+    def cpu_seconds(self) -> dict[str, float]:
+        found = {}
+        for name, (pid, tree) in self.pids.items():
+            ticks = _cpu_ticks(pid, tree)
+            if ticks is not None:
+                found[name] = ticks / _CLOCK_TICKS
+        return found
+
+
 @dataclass
 class Timing:
     """Wall-clock moments (Unix time) of one measured consumer."""
@@ -492,6 +546,8 @@ class Timing:
     first: float = 0.0  # its first batch is committed
     first_events: int = 0  # the events that batch took
     ended: float = 0.0  # every event is committed
+    cpu_start: dict[str, float] = field(default_factory=dict)  # CPU seconds by process at
+    cpu_end: dict[str, float] = field(default_factory=dict)  # `assigned` and at `ended`
 
     @property
     def seconds(self) -> float:
@@ -513,12 +569,28 @@ class Timing:
             )
             if self.ended > self.first
             else None,
+            **self.cpu(events),
+        }
+
+    def cpu(self, events: int) -> dict[str, Any]:
+        """CPU time per event of each process while timed, and how many cores were busy."""
+        used = {
+            name: self.cpu_end[name] - self.cpu_start[name]
+            for name in self.cpu_start
+            if name in self.cpu_end
+        }
+        if not used:
+            return {}
+        return {
+            "cpu_us_per_event": {name: round(cpu * 1e6 / events, 1) for name, cpu in used.items()},
+            "cores_busy": round(sum(used.values()) / self.seconds, 2),
         }
 
 
 class _Assigned(ConsumerRebalanceListener):  # type: ignore[misc]
-    def __init__(self, timing: Timing) -> None:
+    def __init__(self, timing: Timing, processes: Processes) -> None:
         self.timing = timing
+        self.processes = processes
 
     async def on_partitions_revoked(self, revoked: Any) -> None:
         pass
@@ -526,10 +598,11 @@ class _Assigned(ConsumerRebalanceListener):  # type: ignore[misc]
     async def on_partitions_assigned(self, assigned: Any) -> None:
         if assigned and not self.timing.assigned:
             self.timing.assigned = time.time()
+            self.timing.cpu_start = self.processes.cpu_seconds()
 
 
 async def raw_limit(
-    settings: Settings, total: int, batch_size: int, phases: _Phases
+    settings: Settings, total: int, batch_size: int, phases: _Phases, processes: Processes
 ) -> tuple[Timing, int]:
     """aiokafka getmany + json.loads + COPY (event_id, payload) into an unindexed table, one
     transaction per batch. Returns the timing and the rows stored."""
@@ -558,7 +631,8 @@ async def raw_limit(
     read = stored = 0
     try:
         await consumer.start()
-        consumer.subscribe([settings.topics.raw], listener=_Assigned(timing))
+        processes = processes.but(consumer=os.getpid())
+        consumer.subscribe([settings.topics.raw], listener=_Assigned(timing, processes))
         while read < total:
             fetched = await consumer.getmany(timeout_ms=50, max_records=batch_size)
             rows: list[tuple[Any, str]] = []
@@ -581,6 +655,7 @@ async def raw_limit(
                 timing.first, timing.first_events = time.time(), read
             phases.update(task, read)
         timing.ended = time.time()
+        timing.cpu_end = processes.cpu_seconds()
     finally:
         await consumer.stop()
         conn.close()
@@ -601,6 +676,7 @@ async def pipeline(
     batch_size: int,
     phases: _Phases,
     log_path: Path,
+    processes: Processes,
     profile: Path | None = None,
 ) -> PipelineRun:
     """The real intake worker in a child process, until the offsets it stored in PostgreSQL
@@ -647,6 +723,7 @@ async def pipeline(
                 raise failed("did not start")
             await asyncio.sleep(0.01)
         timing = Timing(float(said["started"]))
+        processes = processes.but(worker=child.pid)
         if profile is not None:
             spy = await asyncio.create_subprocess_exec(
                 "py-spy", "record", "--nonblocking", "--idle", "--threads", "--rate", "250",
@@ -667,11 +744,14 @@ async def pipeline(
                 ).fetchone()
                 now = time.time()
                 done = int(row[0]) if row else 0
+                if "assigned" in said and not timing.cpu_start:
+                    timing.cpu_start = processes.cpu_seconds()
                 if done and not timing.first:
                     timing.first, timing.first_events = now, done
                 phases.update(task, done)
                 if done >= total:
                     timing.ended = now
+                    timing.cpu_end = processes.cpu_seconds()
                     break
                 if child.returncode is not None:
                     raise failed(f"exited with code {child.returncode} at {done:,} of {total:,}")
@@ -797,6 +877,7 @@ async def _measure(
     batch_size: int,
     phases: _Phases,
     work_dir: Path,
+    processes: Processes,
     profile: Path | None,
 ) -> dict[str, Any]:
     created = await ensure_topics(settings.kafka, settings.topics)
@@ -807,13 +888,13 @@ async def _measure(
     produce_seconds = time.perf_counter() - started
     workload = generator.workload
 
-    raw, raw_stored = await raw_limit(settings, events, batch_size, phases)
+    raw, raw_stored = await raw_limit(settings, events, batch_size, phases, processes)
     assert settings.database.url is not None
     url = settings.database.url.get_secret_value()
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute("CHECKPOINT")  # the pipeline does not pay for the raw limit's writes
     run = await pipeline(
-        settings, events, batch_size, phases, work_dir / "intake-worker.log", profile
+        settings, events, batch_size, phases, work_dir / "intake-worker.log", processes, profile
     )
 
     phases.log("verifying the outcomes against the database and the DLQ")
@@ -861,6 +942,15 @@ async def _measure(
     }
 
 
+def _server_processes(servers: EmbeddedServers) -> Processes:
+    pids: dict[str, tuple[int, bool]] = {}
+    if servers.postgres is not None and servers.postgres.pid is not None:
+        pids["postgres"] = (servers.postgres.pid, True)
+    if servers.kafka is not None and servers.kafka.pid is not None:
+        pids["broker"] = (servers.kafka.pid, False)
+    return Processes(pids)
+
+
 def run(
     events: int = DEFAULT_EVENTS,
     json_path: Path | None = None,
@@ -897,6 +987,7 @@ def run(
                         settings.intake.batch_size,
                         phases,
                         work_dir,
+                        _server_processes(servers),
                         profile_worker,
                     )
                 )
@@ -947,6 +1038,12 @@ def show(console: Console, report: dict[str, Any]) -> None:
             f"{timing['seconds']} s / {timing['group_join_seconds']} s",
             f"{timing['rate_including_group_join']:,}/s including the join",
         )
+        if "cpu_us_per_event" in timing:
+            table.add_row(
+                f"{name}: CPU µs per event",
+                ", ".join(f"{k} {v}" for k, v in timing["cpu_us_per_event"].items()),
+                f"{timing['cores_busy']} of {details['machine']['cores']} cores busy",
+            )
     outcomes = details["outcomes"]
     table.add_row(
         "outcomes (checked against the database)",

@@ -56,6 +56,13 @@ def test_bench_intake_measures_verifies_reports_and_cleans_up(tmp_path: Path) ->
     assert outcomes["duplicate"] == mix["redelivered"] > 0
     assert outcomes["rejected"] == sum(mix["invalid"].values()) > 0
     assert details["rejects_by_code"] == mix["invalid"]
+    for phase, consumer in (("raw", "consumer"), ("pipeline", "worker")):
+        assert details[phase]["seconds"] > 0
+        assert details[phase]["rate_including_group_join"] > 0
+        if sys.platform.startswith("linux"):  # clock ticks: a tiny run may take none
+            cpu = details[phase]["cpu_us_per_event"]
+            assert set(cpu) == {consumer, "postgres", "broker"}
+            assert min(cpu.values()) >= 0
     assert "pipeline, events/s" in result.stdout
     work_dir = WORK_DIR.search(result.stdout)
     assert work_dir is not None, result.stdout
