@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import re
+import zoneinfo
 from collections.abc import Iterator, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -35,7 +36,9 @@ from pydantic import (
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from allocate.model import QueueSpec, Window
 from leadflow.errors import LeadflowError
+from schemas.vocab import Strategy
 
 ENV_PREFIX = "LEADFLOW_"
 DEFAULT_CONFIG_FILE = "leadflow.yaml"
@@ -246,6 +249,134 @@ class ClassificationSettings(_Section):
         return context.path.parent / value
 
 
+def _comma_list(value: Any) -> Any:
+    """A list given as one string ("30m,2h,1d"), as the environment can only give it."""
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
+def _known_timezone(value: str) -> str:
+    try:
+        zoneinfo.ZoneInfo(value)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        raise ValueError(f"{value!r} is not an IANA timezone (e.g. Asia/Shanghai)") from None
+    return value
+
+
+class QueueSettings(_Section):
+    """One allocation queue; leads go to the first queue in the list that serves them."""
+
+    name: str = Field(pattern=_NAME_PATTERN)
+    business_line: str = Field(pattern=_NAME_PATTERN)
+    segments: list[str] = Field(
+        default_factory=list, description="Segments served; empty means every segment."
+    )
+    strategy: Strategy = "round_robin"
+    fallback_strategy: Strategy = Field(
+        default="least_loaded", description="What `sticky` does when the last agent cannot."
+    )
+    sla: Duration = Field(
+        default=timedelta(minutes=5),
+        gt=timedelta(0),
+        description="First-contact SLA: an assignment not contacted in time is reassigned.",
+    )
+    max_attempts: int = Field(default=3, ge=1, le=50)
+    call_window: str | None = Field(
+        default="09:00-21:00",
+        description="When leads may be called, in the lead's local time; null: any time.",
+    )
+    timezone: str | None = Field(
+        default=None,
+        description="Timezone of leads whose own is unknown; unset: allocation.default_timezone.",
+    )
+
+    @field_validator("fallback_strategy")
+    @classmethod
+    def _not_sticky(cls, value: Strategy) -> Strategy:
+        if value == "sticky":
+            raise ValueError("the fallback of sticky cannot be sticky itself")
+        return value
+
+    @field_validator("call_window")
+    @classmethod
+    def _window(cls, value: str | None) -> str | None:
+        if value is not None:
+            Window.parse(value)
+        return value
+
+    @field_validator("timezone")
+    @classmethod
+    def _timezone(cls, value: str | None) -> str | None:
+        return None if value is None else _known_timezone(value)
+
+    def spec(self, default_timezone: str) -> QueueSpec:
+        return QueueSpec(
+            name=self.name,
+            business_line=self.business_line,
+            segments=frozenset(self.segments),
+            strategy=self.strategy,
+            fallback_strategy=self.fallback_strategy,
+            sla=self.sla,
+            max_attempts=self.max_attempts,
+            call_window=Window.parse(self.call_window) if self.call_window else None,
+            default_timezone=self.timezone or default_timezone,
+        )
+
+
+class AllocationSettings(_Section):
+    batch_size: int = Field(
+        default=1000, ge=1, le=50_000, description="Most leads of one queue one decision takes."
+    )
+    sweep_interval: Duration = Field(
+        default=timedelta(seconds=1),
+        gt=timedelta(0),
+        description="How often the allocator looks for expired SLAs, due callbacks and retries "
+        "and opened call windows (new leads wake it at once).",
+    )
+    default_timezone: str = Field(
+        default="Asia/Shanghai", description="Timezone of leads whose own is unknown."
+    )
+    implicit_queues: bool = Field(
+        default=True,
+        description="A lead no configured queue serves waits in a queue named after its "
+        "business line, with the defaults of a queue entry; false leaves it unrouted.",
+    )
+    no_answer_delays: Annotated[list[Duration], BeforeValidator(_comma_list)] = Field(
+        default_factory=lambda: [
+            timedelta(minutes=30),
+            timedelta(hours=2),
+            timedelta(days=1),
+        ],
+        min_length=1,
+        description="Wait before the n-th retry after no answer; the last one repeats.",
+    )
+    reject_delay: Duration = Field(
+        default=timedelta(0),
+        ge=timedelta(0),
+        description="Wait before a lead an agent rejected is offered to another agent.",
+    )
+
+    @field_validator("default_timezone")
+    @classmethod
+    def _timezone(cls, value: str) -> str:
+        return _known_timezone(value)
+
+
+class RelaySettings(_Section):
+    batch_size: int = Field(default=500, ge=1, le=50_000)
+    poll_interval: Duration = Field(
+        default=timedelta(seconds=1),
+        gt=timedelta(0),
+        description="Fallback look for unpublished rows; new ones wake the relay at once.",
+    )
+    retention: Duration = Field(
+        default=timedelta(days=7),
+        gt=timedelta(0),
+        description="Published outbox rows older than this are deleted.",
+    )
+
+
 @dataclass(frozen=True)
 class _LoadContext:
     path: Path | None
@@ -269,6 +400,21 @@ class Settings(BaseSettings):
     embedded: EmbeddedSettings = Field(default_factory=EmbeddedSettings)
     log: LogSettings = Field(default_factory=LogSettings)
     classification: ClassificationSettings = Field(default_factory=ClassificationSettings)
+    allocation: AllocationSettings = Field(default_factory=AllocationSettings)
+    relay: RelaySettings = Field(default_factory=RelaySettings)
+    queues: list[QueueSettings] = Field(default_factory=list)
+
+    @field_validator("queues")
+    @classmethod
+    def _unique_queue_names(cls, value: list[QueueSettings]) -> list[QueueSettings]:
+        names = [queue.name for queue in value]
+        if duplicates := sorted({name for name in names if names.count(name) > 1}):
+            raise ValueError(f"queue names must be unique; repeated: {', '.join(duplicates)}")
+        return value
+
+    def queue_specs(self) -> list[QueueSpec]:
+        """The configured queues, in routing order."""
+        return [queue.spec(self.allocation.default_timezone) for queue in self.queues]
 
     @classmethod
     def settings_customise_sources(
@@ -287,10 +433,16 @@ def _scalar_paths(
 ) -> Iterator[tuple[tuple[str, ...], FieldInfo]]:
     for name, info in model.model_fields.items():
         annotation = info.annotation
+        if name in _FILE_ONLY:
+            continue  # lists of entries (queues) are written in the file, not the environment
         if isinstance(annotation, type) and issubclass(annotation, BaseModel):
             yield from _scalar_paths(annotation, (*prefix, name))
         else:
             yield (*prefix, name), info
+
+
+#: Top-level keys only the YAML file can set.
+_FILE_ONLY = frozenset({"queues"})
 
 
 def env_name(path: tuple[str, ...]) -> str:
