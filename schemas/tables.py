@@ -126,6 +126,8 @@ class Customer(Base):
     region: Mapped[str | None]
     timezone: Mapped[str | None]
     language: Mapped[str | None]
+    #: Who last worked this customer (first contact or disposition), for the sticky strategy.
+    last_agent_id: Mapped[str | None] = mapped_column(ForeignKey("agents.id", ondelete="SET NULL"))
     created_at: Mapped[datetime] = _now_column()
     updated_at: Mapped[datetime] = _updated_at_column()
 
@@ -154,12 +156,14 @@ class Lead(Base):
         CheckConstraint(_one_of("intake", INTAKES), name="intake"),
         _at_least("attempts", 0),
         _at_least("event_count", 1),
-        # The allocator's hot query: the best queued leads of one queue.
+        # The allocator's hot query: the best queued leads of one queue, in serving order.
         Index(
             "ix_leads_queued",
             "queue",
             text("priority DESC"),
+            text("realtime DESC"),
             "queued_at",
+            "id",
             postgresql_where=text("state = 'queued'"),
         ),
         # Dedup: does this customer already have an open lead in this business line?
@@ -278,9 +282,24 @@ class Queue(Base):
     max_attempts: Mapped[int]
     call_window_start: Mapped[time | None]
     call_window_end: Mapped[time | None]
-    rr_cursor: Mapped[int] = mapped_column(BigInteger, server_default=text("0"))
     config: Mapped[dict[str, Any] | None]
     updated_at: Mapped[datetime] = _updated_at_column()
+    #: The id of the agent round robin served last; the rotation continues after it.
+    rr_cursor: Mapped[str | None]
+    #: Start-time fair queueing: the queue's virtual clock (see allocate/decide.py).
+    virtual_time: Mapped[float] = mapped_column(server_default=text("0"))
+
+
+class QueueAgentState(Base):
+    """Per queue and agent: the agent's fair-queueing clock (virtual finish time)."""
+
+    __tablename__ = "queue_agent_state"
+
+    queue: Mapped[str] = mapped_column(primary_key=True)
+    agent_id: Mapped[str] = mapped_column(
+        ForeignKey("agents.id", ondelete="CASCADE"), primary_key=True
+    )
+    vtime: Mapped[float] = mapped_column(server_default=text("0"))
 
 
 class Agent(Base):
@@ -311,6 +330,22 @@ class Agent(Base):
     status_changed_at: Mapped[datetime] = _now_column()
     created_at: Mapped[datetime] = _now_column()
     updated_at: Mapped[datetime] = _updated_at_column()
+
+
+class AgentStatusLog(Base):
+    """Every status change of an agent, written by a trigger on `agents` (migration 0002), so
+    no code path can forget it; available hours per agent come from here."""
+
+    __tablename__ = "agent_status_log"
+    __table_args__ = (
+        CheckConstraint(_one_of("status", AGENT_STATUSES), name="status"),
+        Index("ix_agent_status_log_agent_id_at", "agent_id", "at"),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    agent_id: Mapped[str] = mapped_column(ForeignKey("agents.id", ondelete="CASCADE"))
+    status: Mapped[str]
+    at: Mapped[datetime] = _now_column()
 
 
 class Assignment(Base):
@@ -360,6 +395,8 @@ class Assignment(Base):
     sla_deadline: Mapped[datetime | None]
     first_contact_at: Mapped[datetime | None]
     closed_at: Mapped[datetime | None]
+    #: Why it ended: the disposition, "SLA expired", "rejected: ...".
+    close_reason: Mapped[str | None]
 
 
 class Disposition(Base):

@@ -53,6 +53,8 @@ LEADFLOW_TABLES = {
     "public.lead_transitions",
     "public.queues",
     "public.agents",
+    "public.agent_status_log",
+    "public.queue_agent_state",
     "public.assignments",
     "public.dispositions",
     "public.dnc",
@@ -93,7 +95,7 @@ def test_upgrade_creates_every_table(empty_db_url: str, empty_engine: Engine) ->
     assert {f"{t.schema or 'public'}.{t.name}" for t in Base.metadata.sorted_tables} == (
         LEADFLOW_TABLES
     )
-    assert migrate.current(empty_db_url) == migrate.head() == "0001"
+    assert migrate.current(empty_db_url) == migrate.head() == "0002"
 
 
 def test_upgrade_again_is_a_no_op(empty_db_url: str) -> None:
@@ -242,7 +244,7 @@ def test_hot_path_indexes_exist(engine: Engine) -> None:
         indexes = {name: definition for name, definition in rows}
 
     queued = indexes["ix_leads_queued"]
-    assert "(queue, priority DESC, queued_at)" in queued
+    assert "(queue, priority DESC, realtime DESC, queued_at, id)" in queued
     assert "WHERE (state = 'queued'::text)" in queued
 
     one_open = indexes["uq_assignments_one_open_per_lead"]
@@ -482,3 +484,19 @@ def test_the_data_team_can_register_an_extract_with_plain_sql(engine: Engine) ->
         ).one()
 
     assert tuple(row) == ("pending", "postgres", 0, 0)
+
+
+def test_every_agent_status_change_is_logged(engine: Engine) -> None:
+    with engine.begin() as connection:
+        _agent(connection, "a-log", status="offline")
+        for status in ("available", "available", "away", "available"):
+            connection.execute(
+                text("UPDATE agents SET status = :s WHERE id = 'a-log'"), {"s": status}
+            )
+        connection.execute(text("UPDATE agents SET capacity = 7 WHERE id = 'a-log'"))
+        logged = connection.execute(
+            text("SELECT status FROM agent_status_log WHERE agent_id = 'a-log' ORDER BY id")
+        ).scalars()
+
+        # Insert, then changes only: neither the repeated status nor the capacity edit count.
+        assert list(logged) == ["offline", "available", "away", "available"]
