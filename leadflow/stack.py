@@ -23,6 +23,9 @@ import psycopg
 import uvicorn
 from pydantic import SecretStr
 
+from allocate.allocator import Allocator, AllocatorConfig
+from allocate.model import Window
+from allocate.service import AllocatorService, ServiceConfig
 from classify import classify
 from ingest.chain import ChainConfig, IntakeChain
 from ingest.consumer import IntakeConfig, KafkaIntake
@@ -33,7 +36,7 @@ from leadflow.errors import StartupError
 from leadflow.kafka import ensure_topics
 from leadflow.logs import get_logger
 from leadflow.rules import RulesHolder, watch_rules
-from leadflow.settings import Settings, masked_url
+from leadflow.settings import QueueSettings, Settings, masked_url
 from leadflow.web import WebContext, create_app
 from schemas.lead import Classification, CustomerContext, Lead
 
@@ -173,6 +176,45 @@ def intake_worker(settings: Settings, classifier: Callable[[], Classifier]) -> K
     )
 
 
+def allocator_service(settings: Settings) -> AllocatorService:
+    """The allocator role, wired from the settings."""
+    assert settings.database.url is not None
+    url = settings.database.url.get_secret_value()
+    timeout = max(1, int(settings.database.connect_timeout.total_seconds()))
+    allocation = settings.allocation
+    defaults = QueueSettings(name="implicit", business_line="implicit")
+    allocator = Allocator(
+        AllocatorConfig(
+            queues=settings.queue_specs(),
+            assigned_topic=settings.topics.assigned,
+            batch_size=allocation.batch_size,
+            implicit_queues=allocation.implicit_queues,
+            default_timezone=allocation.default_timezone,
+            implicit_sla=defaults.sla,
+            implicit_max_attempts=defaults.max_attempts,
+            implicit_call_window=Window.parse(defaults.call_window)
+            if defaults.call_window
+            else None,
+        )
+    )
+    return AllocatorService(
+        allocator,
+        lambda: psycopg.connect(
+            url, autocommit=True, connect_timeout=timeout, application_name="leadflow-allocator"
+        ),
+        lambda: psycopg.AsyncConnection.connect(
+            url,
+            autocommit=True,
+            connect_timeout=timeout,
+            application_name="leadflow-allocator-listener",
+        ),
+        ServiceConfig(
+            sweep_interval=allocation.sweep_interval,
+            retry_backoff_max=settings.intake.retry_backoff_max,
+        ),
+    )
+
+
 def rules_classifier(holder: RulesHolder) -> Callable[[], Classifier]:
     """The classifier of the rules in force: asked once per batch, so a reload applies between
     batches and every batch is classified by exactly one rule set."""
@@ -255,6 +297,10 @@ async def _serve(
             )
             worker = intake_worker(settings, rules_classifier(holder))
             tasks["intake"] = asyncio.create_task(worker.run(stop), name="intake")
+        if "allocator" in roles:
+            tasks["allocator"] = asyncio.create_task(
+                allocator_service(settings).run(stop), name="allocator"
+            )
         if servers is not None:
             tasks["watch"] = asyncio.create_task(
                 _watch_servers(servers, stop), name="watch-servers"
@@ -301,7 +347,7 @@ async def _watch_servers(servers: EmbeddedServers, stop: asyncio.Event) -> None:
 
 
 #: The roles `leadflow up` runs in one process, and those `leadflow run ROLE` can run alone.
-UP_ROLES = ("web", "intake")
+UP_ROLES = ("web", "intake", "allocator")
 BUILT_ROLES = frozenset(UP_ROLES)
 
 
