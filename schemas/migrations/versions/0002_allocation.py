@@ -11,7 +11,10 @@ Create Date: 2026-11-24
 - `queues.virtual_time` and `queue_agent_state.vtime` are start-time fair queueing clocks
   (allocate/decide.py): fairness over the time each agent was available.
 - `agent_status_log` records every status change (a trigger, so SQL and every code path are
-  covered); available hours per agent come from it (fairness figures, reports).
+  covered); available hours per agent come from it (fairness figures, reports). It stamps
+  `clock_timestamp()`, the moment the row lock was had, not the transaction's start: a status
+  change that waited for an allocator holding the agent is logged after that allocator's
+  assignments, as it took effect.
 - `customers.last_agent_id` is who last worked the customer, for the `sticky` strategy.
 - `assignments.close_reason` says why an assignment ended (SLA expired, rejected, disposition).
 - `ix_leads_queued` orders by priority, then real-time first, then age, as the allocator does.
@@ -36,7 +39,8 @@ _LOG_STATUS = """
 CREATE FUNCTION leadflow_log_agent_status() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
     IF TG_OP = 'INSERT' OR NEW.status IS DISTINCT FROM OLD.status THEN
-        INSERT INTO agent_status_log (agent_id, status, at) VALUES (NEW.id, NEW.status, now());
+        INSERT INTO agent_status_log (agent_id, status, at)
+        VALUES (NEW.id, NEW.status, clock_timestamp());
     END IF;
     RETURN NULL;
 END
