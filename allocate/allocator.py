@@ -393,7 +393,8 @@ class Allocator:
         rows = [row for row in rows if _serves_any(queue, row[2])]
         if not rows:
             return []
-        day_starts = [local_day_start(now, row[7]) for row in rows]
+        # The same zone the decision reads the shift in, so the day and the shift agree.
+        day_starts = [local_day_start(now, row[7], queue.default_timezone) for row in rows]
         loads = {
             agent_id: (open_count, today_count)
             for agent_id, open_count, today_count in conn.execute(
