@@ -160,9 +160,9 @@ def test_help_lists_every_contract_command(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     "args",
     [
-        ["bench", "allocate"],
-        ["run", "allocator"],
-        ["simulate"],
+        ["bench", "report"],
+        ["run", "scheduler"],
+        ["report", "funnel"],
         ["up", "--demo"],
     ],
 )
