@@ -14,7 +14,7 @@ from sqlalchemy.engine import Engine
 from leadflow.errors import ServiceUnavailable
 from leadflow.settings import masked_url
 from schemas import migrate
-from schemas.vocab import LEAD_STATES
+from schemas.vocab import AGENT_STATUSES, LEAD_STATES
 
 
 def sqlalchemy_url(url: str) -> str:
@@ -73,4 +73,52 @@ def lead_counts(engine: Engine) -> dict[str, int]:
             sa.text("SELECT state, count(*) FROM leads GROUP BY state")
         ):
             counts[state] = int(count)
+    return counts
+
+
+#: Per queue: waiting leads, those due now, the oldest due one's wait, open assignments and
+#: the SLA breaches among them. Leads not yet routed show under queue "-".
+_QUEUE_STATS = """
+WITH waiting AS (
+    SELECT coalesce(queue, '-') AS queue, count(*) AS waiting,
+           count(*) FILTER (WHERE next_action_at IS NULL OR next_action_at <= now()) AS due,
+           max(now() - queued_at) FILTER (
+               WHERE next_action_at IS NULL OR next_action_at <= now()) AS oldest
+    FROM leads WHERE state = 'queued' GROUP BY 1
+), open AS (
+    SELECT queue, count(*) AS open,
+           count(*) FILTER (WHERE first_contact_at IS NULL AND sla_deadline < now()) AS breached
+    FROM assignments WHERE status = 'open' GROUP BY queue
+)
+SELECT coalesce(w.queue, o.queue), coalesce(w.waiting, 0), coalesce(w.due, 0),
+       extract(epoch FROM w.oldest), coalesce(o.open, 0), coalesce(o.breached, 0)
+FROM waiting w FULL JOIN open o ON o.queue = w.queue
+ORDER BY 1
+"""
+
+
+def queue_stats(engine: Engine) -> list[dict[str, Any]]:
+    """Depth, due leads, oldest due wait (seconds), open assignments, SLA breaches per queue."""
+    with engine.connect() as conn:
+        return [
+            {
+                "queue": queue,
+                "waiting": int(waiting),
+                "due": int(due),
+                "oldest_seconds": float(oldest) if oldest is not None else None,
+                "open": int(open_),
+                "sla_breached": int(breached),
+            }
+            for queue, waiting, due, oldest, open_, breached in conn.execute(sa.text(_QUEUE_STATS))
+        ]
+
+
+def agent_counts(engine: Engine) -> dict[str, int]:
+    """Agents per status, every status present."""
+    counts: dict[str, int] = dict.fromkeys(AGENT_STATUSES, 0)
+    with engine.connect() as conn:
+        for status, count in conn.execute(
+            sa.text("SELECT status, count(*) FROM agents GROUP BY status")
+        ):
+            counts[status] = int(count)
     return counts

@@ -23,6 +23,7 @@ from allocate.work import (
     first_contact,
     reject,
 )
+from leadflow.db import agent_counts, make_engine, queue_stats
 from schemas.events import AssignmentEvent
 
 pytestmark = pytest.mark.integration
@@ -534,3 +535,29 @@ def test_concurrent_allocators_never_double_assign_or_overfill(db_url: str) -> N
             "SELECT lead_id FROM assignments GROUP BY lead_id HAVING count(*) > 1"
         ).fetchall()
         assert double == []
+
+
+def test_queue_stats_show_depth_due_open_and_breaches(
+    conn: psycopg.Connection[Any], db_url: str
+) -> None:
+    add_agent(conn, "a1", capacity=2)
+    for _ in range(3):
+        add_lead(conn)
+    later = add_lead(conn)
+    allocator(queue(call_window=None)).allocate(conn, NOW)  # two assigned, two waiting
+    conn.execute(
+        "UPDATE leads SET next_action_at = now() + interval '1 hour' WHERE id = %s", (later,)
+    )
+    conn.execute("UPDATE assignments SET sla_deadline = now() - interval '1 second'")
+    engine = make_engine(db_url)
+    try:
+        stats = queue_stats(engine)
+        agents = agent_counts(engine)
+    finally:
+        engine.dispose()
+
+    (loans,) = stats
+    assert loans["queue"] == "loans"
+    assert (loans["waiting"], loans["due"], loans["open"], loans["sla_breached"]) == (2, 1, 2, 2)
+    assert loans["oldest_seconds"] is not None
+    assert agents == {"available": 1, "away": 0, "offline": 0}
