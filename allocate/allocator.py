@@ -233,7 +233,10 @@ class Allocator:
 
     def implicit_queue(self, business_line: str) -> QueueSpec:
         """The queue of a lead no configured queue serves (named after its business line)."""
-        name = business_line if business_line not in self.queues else f"{business_line}.default"
+        # Named after configured queues only: the implicit queue registered on the first call
+        # must be found again on the next, not shadowed by a second one.
+        taken = {queue.name for queue in self._configured}
+        name = business_line if business_line not in taken else f"{business_line}.default"
         existing = self.queues.get(name)
         if existing is not None and existing.business_line == business_line:
             return existing

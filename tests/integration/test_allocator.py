@@ -561,3 +561,15 @@ def test_queue_stats_show_depth_due_open_and_breaches(
     assert (loans["waiting"], loans["due"], loans["open"], loans["sla_breached"]) == (2, 1, 2, 2)
     assert loans["oldest_seconds"] is not None
     assert agents == {"available": 1, "away": 0, "offline": 0}
+
+
+def test_an_implicit_queue_is_reused_pass_after_pass(conn: psycopg.Connection[Any]) -> None:
+    add_agent(conn, "a1", lines=("*",))
+    alloc = allocator()
+    first = add_lead(conn, line="car_loan")
+    alloc.allocate(conn, NOW)
+    second = add_lead(conn, line="car_loan")
+    alloc.allocate(conn, NOW)
+
+    assert [lead_row(conn, lead)["queue"] for lead in (first, second)] == ["car_loan", "car_loan"]
+    assert sorted(alloc.queues) == ["car_loan", "loans"]
