@@ -25,6 +25,7 @@ from pydantic import SecretStr
 
 from allocate.allocator import Allocator, AllocatorConfig
 from allocate.model import Window
+from allocate.relay import OutboxRelay, RelayConfig
 from allocate.service import AllocatorService, ServiceConfig
 from classify import classify
 from ingest.chain import ChainConfig, IntakeChain
@@ -215,6 +216,25 @@ def allocator_service(settings: Settings) -> AllocatorService:
     )
 
 
+def relay_worker(settings: Settings) -> OutboxRelay:
+    """The outbox relay role, wired from the settings (a standby while another relay leads)."""
+    assert settings.database.url is not None
+    url = settings.database.url.get_secret_value()
+    timeout = max(1, int(settings.database.connect_timeout.total_seconds()))
+    relay = settings.relay
+    return OutboxRelay(
+        RelayConfig(
+            batch_size=relay.batch_size,
+            poll_interval=relay.poll_interval,
+            retention=relay.retention,
+        ),
+        settings.kafka.client_options(),
+        lambda: psycopg.AsyncConnection.connect(
+            url, autocommit=True, connect_timeout=timeout, application_name="leadflow-relay"
+        ),
+    )
+
+
 def rules_classifier(holder: RulesHolder) -> Callable[[], Classifier]:
     """The classifier of the rules in force: asked once per batch, so a reload applies between
     batches and every batch is classified by exactly one rule set."""
@@ -297,6 +317,8 @@ async def _serve(
             )
             worker = intake_worker(settings, rules_classifier(holder))
             tasks["intake"] = asyncio.create_task(worker.run(stop), name="intake")
+        if "relay" in roles:
+            tasks["relay"] = asyncio.create_task(relay_worker(settings).run(stop), name="relay")
         if "allocator" in roles:
             tasks["allocator"] = asyncio.create_task(
                 allocator_service(settings).run(stop), name="allocator"
@@ -347,7 +369,7 @@ async def _watch_servers(servers: EmbeddedServers, stop: asyncio.Event) -> None:
 
 
 #: The roles `leadflow up` runs in one process, and those `leadflow run ROLE` can run alone.
-UP_ROLES = ("web", "intake", "allocator")
+UP_ROLES = ("web", "intake", "allocator", "relay")
 BUILT_ROLES = frozenset(UP_ROLES)
 
 
