@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from datetime import datetime, timedelta
 from typing import Any
@@ -19,7 +19,7 @@ from ingest.chain import ChainConfig, IntakeChain
 from ingest.consumer import IntakeConfig, KafkaIntake
 from ingest.publisher import LeadPublisher
 from ingest.store import LeadStore
-from schemas.lead import Classification
+from schemas.lead import Classification, CustomerContext, Lead
 
 GOOD = {
     "schema_version": 1,
@@ -37,7 +37,9 @@ def good(phone: str, external_id: str | None = None, **extra: Any) -> dict[str, 
     return {**GOOD, "event_id": str(uuid.uuid4()), "customer": customer, **extra}
 
 
-def classify(leads, now, context):  # type: ignore[no-untyped-def]
+def classify(
+    leads: Sequence[Lead], now: datetime, context: Mapping[str, CustomerContext]
+) -> list[Classification]:
     return [
         Classification(lead.product or "general", "default", 50, ("r1",), "v1") for lead in leads
     ]

@@ -31,7 +31,7 @@ TEXT_FIELDS: dict[str, list[str | None]] = {
     "intake": ["realtime", "stock", "staging", "http"],
     "timezone": ["Asia/Shanghai", "America/New_York", None, "Not/A_Zone"],
 }
-NUMBER_FIELDS = {
+NUMBER_FIELDS: dict[str, list[float]] = {
     "age_days": [0, 1, 3, 7.5, 10, 30],
     "hour_local": [2, 9, 10, 21],
     "weekday_local": [1, 6, 7],
@@ -60,7 +60,7 @@ def same(value: Any, literal: Any) -> bool:
 
 def holds(op: str, value: Any, operand: Any) -> bool:
     if op == "exists":
-        return (value is not None) == operand
+        return bool((value is not None) == operand)
     if op == "eq":
         return same(value, operand)
     if op == "ne":
@@ -72,12 +72,14 @@ def holds(op: str, value: Any, operand: Any) -> bool:
     if op in ("lt", "lte", "gt", "gte"):
         if kind(value) != "number":
             return False
-        return {
-            "lt": value < operand,
-            "lte": value <= operand,
-            "gt": value > operand,
-            "gte": value >= operand,
-        }[op]
+        return bool(
+            {
+                "lt": value < operand,
+                "lte": value <= operand,
+                "gt": value > operand,
+                "gte": value >= operand,
+            }[op]
+        )
     if op == "contains":
         if isinstance(value, list):
             return any(same(x, operand) for x in value)
@@ -225,7 +227,7 @@ def atoms(segment_level: bool) -> st.SearchStrategy[dict[str, Any]]:
             st.just({name: None} if None in TEXT_FIELDS[name] else {name: {"not_in": ["zzz"]}}),
         )
     )
-    number_fields = {
+    number_fields: dict[str, list[float]] = {
         **NUMBER_FIELDS,
         **({"open_leads_other_lines": [0, 1, 2]} if segment_level else {}),
     }
@@ -318,7 +320,7 @@ def documents(draw: st.DrawFn) -> dict[str, Any]:
         segment_rules.append(rule)
     # Narrowed copies of earlier rules: these must be reported as shadowed.
     for level, rules in (("l", line_rules), ("s", segment_rules)):
-        if rules and draw(st.booleans()):
+        if draw(st.booleans()) and rules:
             earlier = dict(draw(st.sampled_from(rules)))
             narrower = draw(st.sampled_from(["same", "and"]))
             if narrower == "and":
@@ -349,7 +351,9 @@ attribute_values = st.one_of(
 
 @st.composite
 def leads(draw: st.DrawFn) -> tuple[Lead, CustomerContext]:
-    fields = {name: draw(st.sampled_from(values)) for name, values in TEXT_FIELDS.items()}
+    fields: dict[str, Any] = {
+        name: draw(st.sampled_from(values)) for name, values in TEXT_FIELDS.items()
+    }
     age = draw(st.one_of(st.sampled_from([0, 1, 3, 7.5, 10, 30, -1]), st.floats(0, 45)))
     attributes = {
         key: draw(attribute_values)
