@@ -39,7 +39,8 @@ from allocate.model import (
     WaitingLead,
     Window,
 )
-from allocate.work import OUTBOX_CHANNEL, WAKE_CHANNEL
+from allocate.relay import OUTBOX_CHANNEL
+from allocate.work import WAKE_CHANNEL
 from schemas.vocab import AgentStatus, LeadState
 
 ACTOR = "allocator"

@@ -26,8 +26,6 @@ from schemas.vocab import Disposition, LeadState
 #: Intake and agents' actions notify it when leads are queued or capacity frees; the
 #: allocator listens.
 WAKE_CHANNEL = QUEUED_CHANNEL
-#: The allocator notifies it when it wrote outbox rows; the relay listens.
-OUTBOX_CHANNEL = "leadflow_outbox"
 
 
 class AssignmentNotFound(LookupError):
