@@ -213,7 +213,14 @@ def db_upgrade(
 def status(ctx: typer.Context) -> None:
     """A terminal view of the pipeline: servers, schema, topics, leads per state."""
     settings = _settings(ctx)
-    from leadflow.db import check_database, lead_counts, make_engine, schema_version
+    from leadflow.db import (
+        agent_counts,
+        check_database,
+        lead_counts,
+        make_engine,
+        queue_stats,
+        schema_version,
+    )
     from leadflow.kafka import describe_topics
     from leadflow.stack import resolve_endpoints
 
@@ -230,6 +237,8 @@ def status(ctx: typer.Context) -> None:
     servers.add_column("address", overflow="fold")
     servers.add_column("state", overflow="fold")
     counts: dict[str, int] | None = None
+    queues: list[dict[str, Any]] = []
+    agents: dict[str, int] = {}
     schema_row = ("schema", "-", "[dim]unknown[/]")
     if endpoints.database_url:
         engine = make_engine(endpoints.database_url, connect_timeout=3)
@@ -248,7 +257,10 @@ def status(ctx: typer.Context) -> None:
                 if in_step
                 else f"[red]behind head {head}: run leadflow db upgrade[/]",
             )
-            counts = lead_counts(engine) if current else None
+            if current:
+                counts = lead_counts(engine)
+                queues = queue_stats(engine)
+                agents = agent_counts(engine)
         except ServiceUnavailable as exc:
             healthy = False
             servers.add_row(
@@ -293,8 +305,37 @@ def status(ctx: typer.Context) -> None:
         for state, count in counts.items():
             leads.add_row(state, f"{count:,}")
         console.print(leads)
+    if queues:
+        table = Table(title="queues", title_justify="left")
+        for column in ("queue", "waiting", "due now", "oldest due", "open", "SLA breached"):
+            table.add_column(column, justify="left" if column == "queue" else "right")
+        for q in queues:
+            oldest = q["oldest_seconds"]
+            table.add_row(
+                q["queue"],
+                f"{q['waiting']:,}",
+                f"{q['due']:,}",
+                "-" if oldest is None else _age(oldest),
+                f"{q['open']:,}",
+                f"[red]{q['sla_breached']:,}[/]" if q["sla_breached"] else "0",
+            )
+        console.print(table)
+    if agents:
+        console.print(
+            "agents: " + ", ".join(f"{count} {status}" for status, count in agents.items())
+        )
     if not healthy:
         raise typer.Exit(1)
+
+
+def _age(seconds: float) -> str:
+    """3s, 4m 05s, 2h 10m: a wait as people read it."""
+    seconds = int(seconds)
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m {seconds % 60:02d}s"
+    return f"{seconds // 3600}h {seconds % 3600 // 60:02d}m"
 
 
 # --- commands whose capabilities arrive with later issues -----------------------------------

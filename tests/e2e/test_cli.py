@@ -14,6 +14,7 @@ from pathlib import Path
 
 import httpx
 import psutil
+import psycopg
 import pytest
 
 LEADFLOW = [sys.executable, "-m", "leadflow.cli"]
@@ -135,6 +136,17 @@ def test_db_upgrade_then_status_against_configured_servers(
     upgraded = leadflow("db", "upgrade", cwd=tmp_path, LEADFLOW_DATABASE_URL=empty_db_url)
     assert upgraded.returncode == 0, upgraded.stderr
     assert "schema revision" in upgraded.stdout
+    with psycopg.connect(empty_db_url.replace("+psycopg", ""), autocommit=True) as conn:
+        conn.execute("INSERT INTO customers (id, phone_e164) VALUES (1, '+8613800138000')")
+        conn.execute(
+            "INSERT INTO leads (customer_id, business_line, segment, priority, state, intake,"
+            " first_event_at, last_event_at, queued_at)"
+            " VALUES (1, 'car_loan', 'new', 50, 'queued', 'realtime', now(), now(), now())"
+        )
+        conn.execute(
+            "INSERT INTO agents (id, name, capacity, daily_cap, status)"
+            " VALUES ('a1', 'A', 5, 50, 'available')"
+        )
     status = leadflow(
         "status", cwd=tmp_path, LEADFLOW_DATABASE_URL=empty_db_url, LEADFLOW_KAFKA_BOOTSTRAP=kafka_bootstrap,
         LEADFLOW_TOPICS_RAW="status.only.raw",
@@ -142,6 +154,8 @@ def test_db_upgrade_then_status_against_configured_servers(
     assert status.returncode == 1  # topics were never created here: not healthy, and it says so
     assert "current" in status.stdout
     assert "missing" in status.stdout
+    assert "queues" in status.stdout  # one lead waiting, not yet routed: queue "-"
+    assert "1 available" in status.stdout
 
 
 def test_status_with_nothing_running_says_what_to_do(tmp_path: Path) -> None:
