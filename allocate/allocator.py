@@ -28,7 +28,7 @@ from typing import Any
 import psycopg
 from psycopg.types.json import Jsonb
 
-from allocate.clock import local_day_start
+from allocate.clock import in_window, local_day_start
 from allocate.decide import decide
 from allocate.model import (
     ANY,
@@ -63,6 +63,8 @@ class AllocatorConfig:
     implicit_sla: timedelta = timedelta(minutes=5)
     implicit_max_attempts: int = 3
     implicit_call_window: Window | None = _DEFAULT_WINDOW
+    #: Batches of only-waiting leads a pass looks past, per queue, while agents have room.
+    scan_batches: int = 10
 
 
 @dataclass
@@ -76,6 +78,11 @@ class PassResult:
     routed: int = 0
     #: Assignments per (queue, strategy that chose the agent).
     by_queue_strategy: dict[tuple[str, str], int] = field(default_factory=dict)
+
+    #: Leads the decision left waiting (no eligible agent with room).
+    waiting: int = 0
+    #: Whether, after the batch, some available agent in shift still had room.
+    room: bool = False
 
     @property
     def taken(self) -> int:
@@ -134,7 +141,7 @@ JOIN customers c ON c.id = l.customer_id
 LEFT JOIN dnc d ON d.phone_e164 = c.phone_e164
 WHERE l.state = 'queued' AND l.queue = %s AND (l.next_action_at IS NULL OR l.next_action_at <= %s)
 ORDER BY l.priority DESC, l.realtime DESC, l.queued_at, l.id
-LIMIT %s
+LIMIT %s OFFSET %s
 FOR UPDATE OF l SKIP LOCKED
 """
 _EXCLUDED = """
@@ -339,22 +346,36 @@ class Allocator:
         """
         result = PassResult(routed=self.route(conn))
         for queue in list(self.queues.values()):
+            skip = scanned = 0
             while True:
-                step = self.allocate_batch(conn, queue, now)
+                step = self.allocate_batch(conn, queue, now, skip=skip)
                 if step is None:
                     break
-                result.add(step[0])
-                # A short batch was the whole queue; a batch that placed nothing will not
-                # place more until something changes (and that wakes the allocator again).
-                if step[1] < self.config.batch_size or step[0].taken == 0:
-                    break
+                done, seen = step
+                result.add(done)
+                if seen < self.config.batch_size:
+                    break  # a short batch was the rest of the queue
+                # Leads left waiting stay at the head of the queue: the next batch starts
+                # after them, so one lead nobody may take cannot hide the leads behind it.
+                skip += done.waiting
+                if done.taken == 0:
+                    # Nothing placed: go deeper only while agents still have room, and not
+                    # beyond `scan_batches` batches; anything else changes by a wake-up.
+                    scanned += 1
+                    if not done.room or scanned >= self.config.scan_batches:
+                        break
         return result
 
     def allocate_batch(
-        self, conn: psycopg.Connection[Any], queue: QueueSpec, at: datetime | None = None
+        self,
+        conn: psycopg.Connection[Any],
+        queue: QueueSpec,
+        at: datetime | None = None,
+        *,
+        skip: int = 0,
     ) -> tuple[PassResult, int] | None:
-        """One decision over one batch of a queue: what it did and how many leads it looked
-        at; None when another allocator holds the queue."""
+        """One decision over one batch of a queue (after its first `skip` due leads): what it
+        did and how many leads it looked at; None when another allocator holds the queue."""
         now = at or self.clock()
         with conn.transaction():
             locked = conn.execute(
@@ -362,7 +383,9 @@ class Allocator:
             ).fetchone()
             if not locked or not locked[0]:
                 return None
-            rows = conn.execute(_WAITING, (queue.name, now, self.config.batch_size)).fetchall()
+            rows = conn.execute(
+                _WAITING, (queue.name, now, self.config.batch_size, skip)
+            ).fetchall()
             if not rows:
                 return PassResult(), 0
             ids = [row[0] for row in rows]
@@ -395,6 +418,8 @@ class Allocator:
             assigned=len(outcome.assignments),
             deferred=len(outcome.deferred),
             blocked=len(outcome.blocked),
+            waiting=len(outcome.waiting),
+            room=_room(queue, agents, now) > len(outcome.assignments),
         )
         counts = result.by_queue_strategy
         for assign in outcome.assignments:
@@ -586,6 +611,19 @@ class Allocator:
                 if "queued" in states:
                     conn.execute("SELECT pg_notify(%s, '')", (WAKE_CHANNEL,))
                 total += len(expired)
+
+
+def _room(queue: QueueSpec, agents: Sequence[AgentSnapshot], now: datetime) -> int:
+    """How many more leads the queue's available, in-shift agents could take in total."""
+    return sum(
+        max(0, min(agent.capacity - agent.open_count, agent.daily_cap - agent.today_count))
+        for agent in agents
+        if agent.status == "available"
+        and (
+            agent.shift is None
+            or in_window(agent.shift, now, agent.timezone, queue.default_timezone)
+        )
+    )
 
 
 def _serves_any(queue: QueueSpec, agent_segments: Sequence[str]) -> bool:

@@ -573,3 +573,39 @@ def test_an_implicit_queue_is_reused_pass_after_pass(conn: psycopg.Connection[An
 
     assert [lead_row(conn, lead)["queue"] for lead in (first, second)] == ["car_loan", "car_loan"]
     assert sorted(alloc.queues) == ["car_loan", "loans"]
+
+
+def test_leads_nobody_may_take_do_not_hide_the_ones_behind_them(
+    conn: psycopg.Connection[Any],
+) -> None:
+    add_agent(conn, "vip-desk", segments=("vip",))
+    for _ in range(5):  # first in line, but no agent is skilled for them
+        add_lead(conn, segment="standard", priority=90)
+    vip = add_lead(conn, segment="vip", priority=10)
+
+    allocator(batch_size=2, scan_batches=1).allocate(conn, NOW)
+    assert open_assignments(conn) == {}  # looked at one batch only
+    allocator(batch_size=2).allocate(conn, NOW)
+    assert open_assignments(conn) == {vip: "vip-desk"}
+
+
+def test_the_scan_stops_when_no_agent_has_room(conn: psycopg.Connection[Any]) -> None:
+    add_agent(conn, "a1", capacity=1)
+    leads = [add_lead(conn) for _ in range(7)]
+    alloc = allocator(batch_size=2)
+    queries: list[str] = []
+
+    original = conn.execute
+
+    def counting(query: Any, *args: Any, **kwargs: Any) -> Any:
+        queries.append(str(query))
+        return original(query, *args, **kwargs)
+
+    conn.execute = counting  # type: ignore[method-assign]
+    alloc.allocate(conn, NOW)
+    conn.execute = original  # type: ignore[method-assign]
+
+    assert len(open_assignments(conn)) == 1
+    assert leads[0] in open_assignments(conn)
+    # One batch placed the lead, the next found the agent full and stopped the scan.
+    assert sum("FOR UPDATE OF l SKIP LOCKED" in q for q in queries) == 2
