@@ -1124,6 +1124,28 @@ def bench(
             "--events", min=1, help="How many events to pre-produce (intake; default 200000)."
         ),
     ] = None,
+    agents: Annotated[
+        int | None,
+        typer.Option("--agents", min=1, help="How many agents (allocate; default 1000)."),
+    ] = None,
+    queues: Annotated[
+        int | None,
+        typer.Option("--queues", min=5, help="How many queues (allocate; default 50)."),
+    ] = None,
+    batch_size: Annotated[
+        int | None,
+        typer.Option(
+            "--batch-size", min=1, help="Leads per allocation decision (allocate; default 1000)."
+        ),
+    ] = None,
+    rate: Annotated[
+        int | None,
+        typer.Option("--rate", min=1, help="Events per second to produce (latency; default 2000)."),
+    ] = None,
+    seconds: Annotated[
+        int | None,
+        typer.Option("--seconds", min=1, help="How long to produce (latency; default 30)."),
+    ] = None,
     json_path: Annotated[
         Path | None,
         typer.Option("--json", help="Also write the report as JSON to this file.", dir_okay=False),
@@ -1147,6 +1169,30 @@ def bench(
 
         count = events or leads or DEFAULT_EVENTS
         show_intake(console, run_intake(count, json_path=json_path, console=console))
+        return
+    if scenario == "allocate":
+        from bench import allocate
+
+        report = allocate.run(
+            leads or allocate.DEFAULT_LEADS,
+            agents or allocate.DEFAULT_AGENTS,
+            queues or allocate.DEFAULT_QUEUES,
+            batch_size or allocate.DEFAULT_BATCH_SIZE,
+            json_path=json_path,
+            console=console,
+        )
+        allocate.show(console, report)
+        return
+    if scenario == "latency":
+        from bench import latency
+
+        report = latency.run(
+            rate or latency.DEFAULT_RATE,
+            seconds or latency.DEFAULT_SECONDS,
+            json_path=json_path,
+            console=console,
+        )
+        latency.show(console, report)
         return
     _not_yet(f"bench {scenario}", "the issue that builds what it measures")
 
