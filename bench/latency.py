@@ -3,10 +3,12 @@
 Fresh embedded servers (PostgreSQL durable, and started with `track_commit_timestamp = on` so
 that every transaction's commit time is recorded by the server itself), a generated
 `leadflow.yaml` (one queue per business line of the demo rules, call windows null, SLAs long
-enough not to expire during the run) and enough agents with ample capacity. `leadflow run
-intake` and `leadflow run allocator` run as real subprocesses on that configuration, as an
-operator would run them: intake consumes `leads.raw`, commits leads and NOTIFYs; the allocator,
-woken by the NOTIFY, assigns them.
+enough not to expire during the run), enough agents with ample capacity, and a history: 100,000
+customers of earlier weeks with closed leads, a few of this morning's assignments still open,
+then VACUUM ANALYZE (a fresh, never analyzed database gets plans no live one runs with).
+`leadflow run intake` and `leadflow run allocator` run as real subprocesses on that
+configuration, as an operator would run them: intake consumes `leads.raw`, commits leads and
+NOTIFYs; the allocator, woken by the NOTIFY, assigns them.
 
 A producer (`ingest.publisher.LeadPublisher`, the product teams' client: acks=all, 10 ms
 linger) then sends LeadEvents at a steady rate (default 2,000/s for 30 s), every event a new
