@@ -11,13 +11,11 @@ ASSIGNMENTS = Counter(
 )
 DEFERRED = Counter(
     "leadflow_allocation_deferred_total",
-    "Leads put back until their call window opens, by queue.",
-    ["queue"],
+    "Leads put back until their call window opens.",
 )
 BLOCKED = Counter(
     "leadflow_allocation_blocked_total",
-    "Queued leads closed at assignment time (do-not-call, attempts exhausted), by queue.",
-    ["queue", "state"],
+    "Queued leads closed at assignment time (do-not-call list, attempts exhausted).",
 )
 SLA_EXPIRED = Counter(
     "leadflow_sla_expired_total",

@@ -115,6 +115,8 @@ class AllocatorService:
         result.expired = expired
         metrics.PASS_SECONDS.observe(time.perf_counter() - started)
         metrics.SLA_EXPIRED.inc(expired)
+        metrics.DEFERRED.inc(result.deferred)
+        metrics.BLOCKED.inc(result.blocked)
         for (queue, strategy), count in result.by_queue_strategy.items():
             metrics.ASSIGNMENTS.labels(queue, strategy).inc(count)
         self.passes += 1

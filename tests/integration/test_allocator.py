@@ -12,9 +12,11 @@ from typing import Any
 
 import psycopg
 import pytest
+from prometheus_client import REGISTRY
 
 from allocate.allocator import Allocator, AllocatorConfig
 from allocate.model import QueueSpec, Window
+from allocate.service import AllocatorService
 from allocate.work import (
     AssignmentClosed,
     AssignmentNotFound,
@@ -609,3 +611,36 @@ def test_the_scan_stops_when_no_agent_has_room(conn: psycopg.Connection[Any]) ->
     assert leads[0] in open_assignments(conn)
     # One batch placed the lead, the next found the agent full and stopped the scan.
     assert sum("FOR UPDATE OF l SKIP LOCKED" in q for q in queries) == 2
+
+
+def test_a_service_pass_sweeps_allocates_and_counts(db_url: str) -> None:
+    with psycopg.connect(db_url, autocommit=True) as setup:
+        add_agent(setup, "a1")
+        add_lead(setup, phone="+8613911113333")
+        setup.execute("INSERT INTO dnc (phone_e164) VALUES ('+8613911113333')")
+        for _ in range(2):
+            add_lead(setup)
+
+    def sample(name: str, labels: dict[str, str] | None = None) -> float:
+        return REGISTRY.get_sample_value(name, labels or {}) or 0.0
+
+    before = (
+        sample("leadflow_assignments_total", {"queue": "loans", "strategy": "round_robin"}),
+        sample("leadflow_allocation_blocked_total"),
+    )
+    service = AllocatorService(
+        allocator(queue(call_window=None)), lambda: psycopg.connect(db_url, autocommit=True)
+    )
+    try:
+        result = service.run_pass()
+    finally:
+        service._drop_connection()
+
+    assert (result.assigned, result.blocked) == (2, 1)
+    after = (
+        sample("leadflow_assignments_total", {"queue": "loans", "strategy": "round_robin"}),
+        sample("leadflow_allocation_blocked_total"),
+    )
+    assert after[0] - before[0] == 2
+    assert after[1] - before[1] == 1
+    assert sample("leadflow_queue_depth", {"queue": "loans"}) == 0
