@@ -179,12 +179,18 @@ class KafkaIntake:
                         await self._handle(records, next_offsets, producer, consumer, stop)
                 await self._report_lag(consumer)
         finally:
-            with contextlib.suppress(Exception):
+            # aiokafka's stop() can raise the CancelledError of a fetch it cancelled itself
+            # (its connection closed under it); that must not skip the producer's close. A real
+            # cancellation of this task is raised again once everything is closed.
+            with contextlib.suppress(Exception, asyncio.CancelledError):
                 await consumer.stop()
             with contextlib.suppress(Exception):
                 await producer.stop()
             await asyncio.to_thread(self._drop_connection)
             log.info("intake stopped", batches=self.batches)
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise asyncio.CancelledError
 
     async def _handle(
         self,
