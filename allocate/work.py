@@ -70,11 +70,13 @@ SELECT s.lead_id, s.status, s.first_contact_at, s.queue
 FROM assignments s WHERE s.id = %s AND s.agent_id = %s
 FOR UPDATE
 """
-_LOCK_LEAD = """
-SELECT l.state, l.attempts, l.customer_id, c.phone_e164
-FROM leads l JOIN customers c ON c.id = l.customer_id
-WHERE l.id = %s FOR NO KEY UPDATE OF l
+# The customer before the lead, the order intake locks them in, so an agent's action and an
+# event merging into the same lead wait for each other instead of deadlocking.
+_LOCK_CUSTOMER = """
+SELECT c.id, c.phone_e164 FROM customers c JOIN leads l ON l.customer_id = c.id
+WHERE l.id = %s FOR NO KEY UPDATE OF c
 """
+_LOCK_LEAD = "SELECT state, attempts FROM leads WHERE id = %s FOR NO KEY UPDATE"
 _TRANSITION = """
 INSERT INTO lead_transitions (lead_id, from_state, to_state, actor, reason, at)
 VALUES (%s, %s, %s, %s, %s, %s)
@@ -90,9 +92,12 @@ def _lock(
     lead_id, status, first_contact_at, queue = row
     if status != "open":
         raise AssignmentClosed(f"assignment {assignment_id} is {status}, no longer open")
+    customer = conn.execute(_LOCK_CUSTOMER, (lead_id,)).fetchone()
     lead = conn.execute(_LOCK_LEAD, (lead_id,)).fetchone()
-    assert lead is not None  # a foreign key
-    state, attempts, customer_id, phone = lead
+    assert customer is not None  # foreign keys
+    assert lead is not None
+    customer_id, phone = customer
+    state, attempts = lead
     return lead_id, first_contact_at, queue, state, attempts, customer_id, phone
 
 
