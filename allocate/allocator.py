@@ -38,6 +38,7 @@ from allocate.model import (
     QueueState,
     WaitingLead,
     Window,
+    implicit_queue,
 )
 from allocate.relay import OUTBOX_CHANNEL
 from allocate.work import WAKE_CHANNEL
@@ -253,27 +254,18 @@ class Allocator:
 
     def implicit_queue(self, business_line: str) -> QueueSpec:
         """The queue of a lead no configured queue serves (named after its business line)."""
-        # Named after configured queues only: the implicit queue registered on the first call
-        # must be found again on the next, not shadowed by a second one.
-        taken = {queue.name for queue in self._configured}
-        name = business_line if business_line not in taken else f"{business_line}.default"
-        existing = self.queues.get(name)
-        if existing is not None and existing.business_line == business_line:
-            return existing
         config = self.config
-        queue = QueueSpec(
-            name=name,
-            business_line=business_line,
-            segments=frozenset(),
-            strategy="round_robin",
-            fallback_strategy="least_loaded",
+        queue = implicit_queue(
+            business_line,
+            # Configured names only: the implicit queue registered on the first call must be
+            # found again on the next, not shadowed by a second one.
+            {queue.name for queue in self._configured},
             sla=config.implicit_sla,
             max_attempts=config.implicit_max_attempts,
             call_window=config.implicit_call_window,
             default_timezone=config.default_timezone,
         )
-        self.queues[name] = queue
-        return queue
+        return self.queues.setdefault(queue.name, queue)
 
     def route_to(self, business_line: str, segment: str) -> QueueSpec | None:
         for queue in self._configured:

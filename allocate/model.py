@@ -7,6 +7,7 @@ argument). The same decision therefore runs in production, in the simulator and 
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from datetime import datetime, time, timedelta
 
@@ -75,6 +76,31 @@ def route(queues: list[QueueSpec], business_line: str, segment: str) -> QueueSpe
         if queue.serves(business_line, segment):
             return queue
     return None
+
+
+def implicit_queue(
+    business_line: str,
+    configured: Collection[str],
+    *,
+    sla: timedelta,
+    max_attempts: int,
+    call_window: Window | None,
+    default_timezone: str,
+) -> QueueSpec:
+    """The queue a lead waits in when no configured queue serves it: named after its business
+    line (plus `.default` if a configured queue already has that name), round robin, every
+    segment, with the defaults of a queue entry."""
+    return QueueSpec(
+        name=f"{business_line}.default" if business_line in configured else business_line,
+        business_line=business_line,
+        segments=frozenset(),
+        strategy="round_robin",
+        fallback_strategy="least_loaded",
+        sla=sla,
+        max_attempts=max_attempts,
+        call_window=call_window,
+        default_timezone=default_timezone,
+    )
 
 
 @dataclass(frozen=True, slots=True)

@@ -90,6 +90,7 @@ from allocate.model import (
     QueueState,
     WaitingLead,
     Window,
+    implicit_queue,
 )
 from allocate.policy import recycle
 from schemas.lead import Classification, CustomerContext, Lead
@@ -676,26 +677,17 @@ class _Simulation:
                 return queue
         if not self.config.implicit_queues:
             return None
-        # Named after the line, unless a configured queue already has that name.
-        configured = any(queue.spec.name == business_line for queue in self.configured)
-        name = f"{business_line}.default" if configured else business_line
-        existing = self.queue_by_name.get(name)
-        if existing is not None:
-            return existing
         config = self.config
-        return self._add_queue(
-            QueueSpec(
-                name=name,
-                business_line=business_line,
-                segments=frozenset(),
-                strategy="round_robin",
-                fallback_strategy="least_loaded",
-                sla=config.implicit_sla,
-                max_attempts=config.implicit_max_attempts,
-                call_window=config.implicit_call_window,
-                default_timezone=config.default_timezone,
-            )
+        spec = implicit_queue(
+            business_line,
+            {queue.spec.name for queue in self.configured},
+            sla=config.implicit_sla,
+            max_attempts=config.implicit_max_attempts,
+            call_window=config.implicit_call_window,
+            default_timezone=config.default_timezone,
         )
+        existing = self.queue_by_name.get(spec.name)
+        return existing if existing is not None else self._add_queue(spec)
 
     def _mark(self, queues: Iterable[_Queue]) -> None:
         for queue in queues:
