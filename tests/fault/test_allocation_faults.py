@@ -11,9 +11,6 @@ from __future__ import annotations
 
 import os
 import random
-import signal
-import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -34,6 +31,7 @@ from allocate.work import (
     first_contact,
     reject,
 )
+from tests.fault.roles import RoleProcess
 
 pytestmark = pytest.mark.fault
 
@@ -62,35 +60,6 @@ WORK = WorkConfig(
     max_attempts={"pc_hot": 3, "pc": 3, "cars": 3, "wealth": 3},
     no_answer_delays=(timedelta(seconds=1),),
 )
-
-
-class Allocator:
-    """`leadflow run allocator` as a real child process."""
-
-    def __init__(self, env: dict[str, str], log: Path) -> None:
-        self.env, self.log = env, log
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        with open(self.log, "ab") as out:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "leadflow.cli", "run", "allocator"],
-                env=self.env,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-            )
-
-    def kill(self) -> None:
-        assert self.process is not None
-        self.process.send_signal(signal.SIGKILL)
-        self.process.wait(10)
-
-    def stop(self) -> int:
-        assert self.process is not None
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            return self.process.wait(60)
-        return self.process.returncode
 
 
 def setup_agents(conn: psycopg.Connection[Any]) -> None:
@@ -217,7 +186,7 @@ def test_four_allocators_keep_every_invariant_under_load_and_sigkill(
     )
     with psycopg.connect(db_url, autocommit=True) as conn:
         setup_agents(conn)
-    allocators = [Allocator(env, tmp_path / f"allocator-{n}.log") for n in range(4)]
+    allocators = [RoleProcess("allocator", env, tmp_path / f"allocator-{n}.log") for n in range(4)]
     stop = threading.Event()
     errors: list[BaseException] = []
     counts: dict[str, int] = defaultdict(int)

@@ -8,9 +8,6 @@ import asyncio
 import json
 import os
 import random
-import signal
-import subprocess
-import sys
 import time
 import uuid
 from pathlib import Path
@@ -25,6 +22,7 @@ from ingest.phones import InvalidPhone, PhoneNormaliser
 from ingest.publisher import LeadPublisher
 from leadflow.embedded import EmbeddedPostgres
 from schemas import migrate
+from tests.fault.roles import RoleProcess
 
 pytestmark = pytest.mark.fault
 
@@ -56,36 +54,6 @@ def valid_phone(n: int) -> bool:
     except InvalidPhone:
         return False
     return True
-
-
-class Worker:
-    """`leadflow run intake` as a real child process."""
-
-    def __init__(self, env: dict[str, str], log: Path) -> None:
-        self.env = env
-        self.log = log
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        with open(self.log, "ab") as out:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "leadflow.cli", "run", "intake"],
-                env=self.env,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-            )
-
-    def kill(self) -> None:
-        assert self.process is not None
-        self.process.send_signal(signal.SIGKILL)
-        self.process.wait(10)
-
-    def stop(self) -> int:
-        assert self.process is not None
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            return self.process.wait(60)
-        return self.process.returncode
 
 
 @pytest.fixture
@@ -135,7 +103,7 @@ def stored_offsets(db_url: str, group: str) -> int:
 
 
 def wait_until_consumed(
-    db_url: str, group: str, total: int, worker: Worker, limit: float = 240
+    db_url: str, group: str, total: int, worker: RoleProcess, limit: float = 240
 ) -> None:
     deadline = time.monotonic() + limit
     while stored_offsets(db_url, group) < total:
@@ -167,7 +135,9 @@ def test_kill_9_at_random_moments_loses_and_duplicates_nothing(
 ) -> None:
     total = 100_000
     rng = random.Random(7)
-    worker = Worker(worker_env(db_url, kafka_bootstrap, stream), tmp_path / "worker.log")
+    worker = RoleProcess(
+        "intake", worker_env(db_url, kafka_bootstrap, stream), tmp_path / "worker.log"
+    )
 
     async def produce() -> None:
         async with LeadPublisher(
@@ -214,7 +184,9 @@ def test_postgres_restarted_mid_stream_the_worker_recovers_by_itself(
     server = EmbeddedPostgres(tmp_path / "pg", durable=False)
     url = server.start()
     migrate.upgrade(url)
-    worker = Worker(worker_env(url, kafka_bootstrap, stream), tmp_path / "worker.log")
+    worker = RoleProcess(
+        "intake", worker_env(url, kafka_bootstrap, stream), tmp_path / "worker.log"
+    )
     total = 20_000
 
     async def produce(first: int, count: int) -> None:
@@ -278,7 +250,9 @@ def test_a_flood_of_poison_goes_to_the_dlq_and_the_good_events_flow(
             await producer.stop()
 
     asyncio.run(produce())
-    worker = Worker(worker_env(db_url, kafka_bootstrap, stream), tmp_path / "worker.log")
+    worker = RoleProcess(
+        "intake", worker_env(db_url, kafka_bootstrap, stream), tmp_path / "worker.log"
+    )
     worker.start()
     try:
         wait_until_consumed(db_url, stream["group"], good + bad, worker)

@@ -11,9 +11,6 @@ import itertools
 import json
 import os
 import random
-import signal
-import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -27,48 +24,12 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from psycopg.types.json import Jsonb
 
 from allocate.relay import OUTBOX_CHANNEL
+from tests.fault.roles import RoleProcess
 
 pytestmark = pytest.mark.fault
 
 PARTITIONS = 4
 AGENTS = [f"agent-{n:02d}" for n in range(24)]
-
-
-class Relay:
-    """`leadflow run relay` as a real child process."""
-
-    def __init__(self, env: dict[str, str], log: Path) -> None:
-        self.env = env
-        self.log = log
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        with open(self.log, "ab") as out:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "leadflow.cli", "run", "relay"],
-                env=self.env,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-            )
-
-    def kill(self) -> None:
-        assert self.process is not None
-        self.process.send_signal(signal.SIGKILL)
-        self.process.wait(10)
-
-    def stop(self) -> int:
-        assert self.process is not None
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            return self.process.wait(60)
-        return self.process.returncode
-
-    def assert_alive(self) -> None:
-        assert self.process is not None
-        if self.process.poll() is not None:
-            raise AssertionError(
-                f"the relay exited; see {self.log}:\n{self.log.read_text()[-3000:]}"
-            )
 
 
 @pytest.fixture
@@ -219,7 +180,9 @@ class Progress:
 def test_kill_9_while_publishing_loses_nothing_and_keeps_each_agents_order(
     db_url: str, kafka_bootstrap: str, assigned: str, tmp_path: Path
 ) -> None:
-    relay = Relay(relay_env(db_url, kafka_bootstrap, assigned), tmp_path / "relay.log")
+    relay = RoleProcess(
+        "relay", relay_env(db_url, kafka_bootstrap, assigned), tmp_path / "relay.log"
+    )
     writers = Writers(db_url, assigned)
     at_kill: list[tuple[int, int]] = []  # (published, waiting) just after each kill
     rng = random.Random(11)
