@@ -70,7 +70,7 @@ from sqlalchemy.engine import make_url
 
 from allocate.allocator import Allocator, AllocatorConfig, PassResult
 from allocate.model import QueueSpec, Window, route
-from bench.common import machine, write_report
+from bench.common import goal, machine, pick, write_report
 from bench.intake import BenchFailed, Processes
 from bench.intake_worker import _peak_rss_bytes
 from leadflow.embedded import EmbeddedServers
@@ -162,10 +162,6 @@ SHARE_RETRY = 0.02  # of the leads: a second attempt after an expired SLA
 SHARE_REALTIME = 0.35
 SHARE_BUSY_AGENTS = 0.10  # of the agents: already hold 1-8 open assignments from this morning
 CAPACITY_MARGIN = 1.3  # each line's generalist agents can take this many times its leads
-
-
-def _pick(rng: random.Random, weighted: Sequence[tuple[Any, float]]) -> Any:
-    return rng.choices([v for v, _ in weighted], [w for _, w in weighted])[0]
 
 
 def line_segments(queues_per_line: int) -> dict[str, list[tuple[str, int]]]:
@@ -262,12 +258,12 @@ def build_book(
     agent_lines: dict[str, list[int]] = {line: [] for line in LINES}  # agent indexes per line
     rows: list[list[Any]] = []
     for i in range(agents):
-        primary = _pick(rng, line_weights)
+        primary = pick(rng, line_weights)
         roll = rng.random()
         if roll < 0.03:
             lines = ["*"]
         elif roll < 0.13:
-            lines = [primary, _pick(rng, [(x, w) for x, w in line_weights if x != primary])]
+            lines = [primary, pick(rng, [(x, w) for x, w in line_weights if x != primary])]
         else:
             lines = [primary]
         named = [s for s, _ in segments[primary][:-1]]
@@ -290,7 +286,7 @@ def build_book(
             agent_lines[line].append(i)
 
     # Leads by line, so that each line's generalists can be given room for them.
-    line_of = [_pick(rng, line_weights) for _ in range(leads)]
+    line_of = [pick(rng, line_weights) for _ in range(leads)]
     wanted = Counter(line_of)
 
     def effective(row: list[Any]) -> int:
@@ -319,9 +315,9 @@ def build_book(
 
     def new_customer() -> int:
         n = len(customer_rows)
-        tz = _pick(rng, _LEAD_TIMEZONES)
+        tz = pick(rng, _LEAD_TIMEZONES)
         customer_rows.append(
-            [n + 1, f"+861{3 + n % 7}{n:09}", _name(rng), tz, _pick(rng, _LANGUAGES), None]
+            [n + 1, f"+861{3 + n % 7}{n:09}", _name(rng), tz, pick(rng, _LANGUAGES), None]
         )
         customer_lines.append(set())
         dnc = rng.random() < SHARE_DNC
@@ -1031,9 +1027,6 @@ def _measure(
 def show(console: Console, report: dict[str, Any]) -> None:
     """The report as a table, for people."""
     details = report["details"]
-
-    def goal(ok: bool) -> str:
-        return "[green]meets the goal[/]" if ok else "[red]below the goal[/]"
 
     table = Table(title="leadflow bench allocate", title_justify="left")
     table.add_column("measure")

@@ -26,7 +26,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from bench.common import machine, write_report
+from bench.common import machine, pick, write_report
 from classify import RuleSet, classify, parse_rules
 from schemas.lead import CustomerContext, Hints, Lead
 from schemas.vocab import Intake
@@ -86,11 +86,6 @@ def bench_rules() -> str:
         "  - {id: seg-weekend, segment: weekend, priority: 35, when: {weekday_local: {gte: 6}}}",
     ]
     return "\n".join(lines) + "\n"
-
-
-def _pick(rng: random.Random, weighted: Sequence[tuple[Any, float]]) -> Any:
-    values, weights = zip(*weighted, strict=True)
-    return rng.choices(values, weights)[0]
 
 
 _EVENTS = [
@@ -153,8 +148,8 @@ def bench_leads(count: int, seed: int = 7) -> tuple[list[Lead], dict[str, Custom
     leads: list[Lead] = []
     context: dict[str, CustomerContext] = {}
     for i in range(count):
-        intake: Intake = _pick(rng, _INTAKES)
-        event_type = "stock_profile" if intake == "stock" else _pick(rng, _EVENTS)
+        intake: Intake = pick(rng, _INTAKES)
+        event_type = "stock_profile" if intake == "stock" else pick(rng, _EVENTS)
         if intake in ("realtime", "http"):
             age = timedelta(seconds=rng.uniform(0.1, 900))
         else:
@@ -181,14 +176,14 @@ def bench_leads(count: int, seed: int = 7) -> tuple[list[Lead], dict[str, Custom
             Lead(
                 event_id=f"bench-{i}",
                 occurred_at=NOW - age,
-                source=_pick(rng, _SOURCES),
+                source=pick(rng, _SOURCES),
                 event_type=event_type,
                 phone=phone,
                 intake=intake,
-                channel=_pick(rng, _CHANNELS),
-                product=_pick(rng, _PRODUCTS),
-                campaign=_pick(rng, _CAMPAIGNS),
-                region=_pick(rng, _REGIONS),
+                channel=pick(rng, _CHANNELS),
+                product=pick(rng, _PRODUCTS),
+                campaign=pick(rng, _CAMPAIGNS),
+                region=pick(rng, _REGIONS),
                 timezone=rng.choice(("Asia/Shanghai",) * 9 + ("Asia/Hong_Kong",)),
                 country="CN",
                 attributes=attributes,

@@ -63,8 +63,8 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from bench.classify import _CAMPAIGNS, _CHANNELS, _PRODUCTS, _REGIONS, _SOURCES, _TAGS, _pick
-from bench.common import machine, write_report
+from bench.classify import _CAMPAIGNS, _CHANNELS, _PRODUCTS, _REGIONS, _SOURCES, _TAGS
+from bench.common import goal, machine, pick, write_report
 from bench.intake_worker import bench_settings
 from ingest.chain import MAX_ATTRIBUTES_BYTES
 from ingest.phones import InvalidPhone, PhoneNormaliser
@@ -236,7 +236,7 @@ class Generator:
                 national = rng.choice(_MOBILE_PREFIXES) + f"{rng.randrange(10**8):08d}"
                 if self.phones.fast(national) is not None:
                     break
-            phone = _pick(rng, _MOBILE_FORMATS)(national)
+            phone = pick(rng, _MOBILE_FORMATS)(national)
         n = len(self.customers)
         external_id = f"u-{n}" if rng.random() < 0.6 else None
         e164 = self.phones.normalise(phone).e164
@@ -258,7 +258,7 @@ class Generator:
             external_id,
             name,
             email,
-            _pick(rng, _REGIONS),
+            pick(rng, _REGIONS),
         )
         self.customers.append(customer)
         return customer
@@ -266,13 +266,13 @@ class Generator:
     def _returning_phone(self, customer: _Customer) -> str:
         if customer.national is None:
             return customer.phone
-        return str(_pick(self.rng, _MOBILE_FORMATS)(customer.national))
+        return str(pick(self.rng, _MOBILE_FORMATS)(customer.national))
 
     # -- events ------------------------------------------------------------------------------
 
     def _event(self, event_id: str, customer: _Customer, phone: str) -> dict[str, Any]:
         rng = self.rng
-        event_type = _pick(rng, _EVENT_TYPES)
+        event_type = pick(rng, _EVENT_TYPES)
         roll = rng.random()
         if roll < 0.9:
             age = timedelta(seconds=rng.uniform(0.05, 600))
@@ -305,15 +305,15 @@ class Generator:
             "schema_version": 1,
             "event_id": event_id,
             "occurred_at": (self.now - age).astimezone(SHANGHAI).isoformat(timespec="milliseconds"),
-            "source": _pick(rng, _SOURCES),
+            "source": pick(rng, _SOURCES),
             "event_type": event_type,
             "customer": person,
             "attributes": attributes,
         }
         for name, value in (
-            ("channel", _pick(rng, _CHANNELS)),
-            ("product", _pick(rng, _PRODUCTS)),
-            ("campaign", _pick(rng, _CAMPAIGNS)),
+            ("channel", pick(rng, _CHANNELS)),
+            ("product", pick(rng, _PRODUCTS)),
+            ("campaign", pick(rng, _CAMPAIGNS)),
         ):
             if value is not None:
                 event[name] = value
@@ -1001,9 +1001,6 @@ def run(
 def show(console: Console, report: dict[str, Any]) -> None:
     """The report as a table, for people."""
     details = report["details"]
-
-    def goal(ok: bool) -> str:
-        return "[green]meets the goal[/]" if ok else "[red]below the goal[/]"
 
     table = Table(title="leadflow bench intake", title_justify="left")
     table.add_column("measure")

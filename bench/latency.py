@@ -58,7 +58,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from bench.common import machine, write_report
+from bench.common import goal, machine, write_report
 from bench.intake import BenchFailed, Processes
 from ingest.publisher import LeadPublisher
 from leadflow.embedded import EmbeddedServers
@@ -686,9 +686,6 @@ def run(
 def show(console: Console, report: dict[str, Any]) -> None:
     """The report as a table, for people."""
     details = report["details"]
-
-    def goal(ok: bool) -> str:
-        return "[green]meets the goal[/]" if ok else "[red]below the goal[/]"
 
     table = Table(title="leadflow bench latency", title_justify="left")
     table.add_column("measure")
