@@ -611,19 +611,44 @@ def agents_import(
 @agents_app.command("token")
 def agents_token(
     ctx: typer.Context,
-    agent_id: Annotated[str, typer.Argument(metavar="ID", help="The agent's id.")],
+    agent_id: Annotated[
+        str | None,
+        typer.Argument(
+            metavar="[ID]", help="The agent's id (needed for role agent).", show_default=False
+        ),
+    ] = None,
+    role: Annotated[
+        str,
+        typer.Option(
+            "--role", help="agent, supervisor, ops (dashboards, HTTP intake) or product (intake)."
+        ),
+    ] = "agent",
     label: Annotated[
         str | None, typer.Option("--label", help="What the token is for (e.g. a device).")
     ] = None,
+    revoke: Annotated[
+        bool, typer.Option("--revoke", help="Revoke every live token of the agent instead.")
+    ] = False,
 ) -> None:
-    """Issue an API bearer token for an agent; it is printed once and stored only hashed."""
+    """Issue an API bearer token (printed once, stored only hashed), or revoke an agent's tokens."""
     settings = _settings(ctx)
-    from allocate.roster import UnknownAgent, issue_token
+    from allocate.roster import UnknownAgent, issue_token, revoke_tokens
+    from schemas.vocab import ROLES
 
+    if role not in ROLES:
+        raise typer.BadParameter(f"choose one of {', '.join(ROLES)}", param_hint="--role")
+    if agent_id is None and (role == "agent" or revoke):
+        raise typer.BadParameter(
+            "give the agent's id (other roles: --role supervisor|ops|product)", param_hint="ID"
+        )
     engine = _roster_engine(settings)
     try:
         with engine.connect() as conn:
-            token = issue_token(conn, agent_id, role="agent", label=label)
+            if revoke:
+                assert agent_id is not None
+                count = revoke_tokens(conn, agent_id)
+            else:
+                token = issue_token(conn, agent_id, role=role, label=label)
     except UnknownAgent:
         err.print(
             f"[red]error:[/] no agent with id {agent_id!r}; `leadflow agents list` shows them.",
@@ -633,8 +658,14 @@ def agents_token(
         raise typer.Exit(1) from None
     finally:
         engine.dispose()
+    if revoke:
+        err.print(
+            f"revoked {count} token{'s' if count != 1 else ''} of {agent_id}", highlight=False
+        )
+        return
+    holder = agent_id if agent_id is not None else (label or "no label")
     err.print(
-        f"[yellow]API token for {agent_id}: keep it now, it will not be shown again.[/]",
+        f"[yellow]{role} API token for {holder}: keep it now, it will not be shown again.[/]",
         soft_wrap=True,
         highlight=False,
     )

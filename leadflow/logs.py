@@ -7,6 +7,8 @@ import sys
 
 import structlog
 
+from leadflow.privacy import mask_log_event
+
 #: Chatty client libraries: their connection retries are reported by our own checks.
 _QUIET = {"aiokafka": logging.CRITICAL, "kafka": logging.CRITICAL, "alembic": logging.WARNING}
 
@@ -21,6 +23,8 @@ def configure(level: str = "INFO", fmt: str = "console") -> None:
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
+        # Last, so nothing added after it escapes: phones and e-mails never reach a log line.
+        mask_log_event,
     ]
     structlog.configure(
         processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],

@@ -37,6 +37,8 @@ from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from allocate.model import QueueSpec, Window
+from allocate.work import WorkConfig
+from ingest.chain import ChainConfig
 from leadflow.errors import LeadflowError
 from schemas.vocab import Strategy
 
@@ -192,6 +194,14 @@ class IntakeSettings(_Section):
         if region not in phonenumbers.SUPPORTED_REGIONS:
             raise ValueError(f"{value!r} is not a region phonenumbers knows (e.g. CN, US, GB)")
         return region
+
+    def chain_config(self) -> ChainConfig:
+        """The intake chain's configuration, the same for every channel."""
+        return ChainConfig(
+            default_region=self.default_region,
+            max_event_bytes=self.max_event_bytes,
+            require_consent=self.require_consent,
+        )
 
 
 class WebSettings(_Section):
@@ -415,6 +425,16 @@ class Settings(BaseSettings):
     def queue_specs(self) -> list[QueueSpec]:
         """The configured queues, in routing order."""
         return [queue.spec(self.allocation.default_timezone) for queue in self.queues]
+
+    def work_config(self) -> WorkConfig:
+        """How agents' dispositions and rejects recycle leads (allocate.work)."""
+        allocation = self.allocation
+        return WorkConfig(
+            max_attempts={queue.name: queue.max_attempts for queue in self.queues},
+            default_max_attempts=QueueSettings.model_fields["max_attempts"].default,
+            no_answer_delays=tuple(allocation.no_answer_delays),
+            reject_delay=allocation.reject_delay,
+        )
 
     @classmethod
     def settings_customise_sources(

@@ -28,7 +28,7 @@ from allocate.model import Window
 from allocate.relay import OutboxRelay, RelayConfig
 from allocate.service import AllocatorService, ServiceConfig
 from classify import classify
-from ingest.chain import ChainConfig, IntakeChain
+from ingest.chain import IntakeChain
 from ingest.consumer import IntakeConfig, KafkaIntake
 from ingest.store import Classifier, LeadStore
 from leadflow.db import make_engine, upgrade
@@ -165,13 +165,7 @@ def intake_worker(settings: Settings, classifier: Callable[[], Classifier]) -> K
         lambda: psycopg.connect(
             url, autocommit=True, connect_timeout=timeout, application_name="leadflow-intake"
         ),
-        IntakeChain(
-            ChainConfig(
-                default_region=intake.default_region,
-                max_event_bytes=intake.max_event_bytes,
-                require_consent=intake.require_consent,
-            )
-        ),
+        IntakeChain(intake.chain_config()),
         LeadStore(intake.dedup_window),
         classifier,
     )
@@ -289,15 +283,24 @@ async def _serve(
         "embedded_kafka": servers is not None and servers.kafka is not None,
     }
     try:
+        holder = None
+        if {"web", "intake"} & set(roles):
+            # One rule set per process, reloaded for every role in it that classifies.
+            holder = RulesHolder.from_settings(settings)
+            tasks["rules"] = asyncio.create_task(
+                watch_rules(holder, settings, settings.database.url.get_secret_value(), stop),
+                name="rules",
+            )
         if "web" in roles:
             assert web_socket is not None
+            assert holder is not None
             engine = make_engine(
                 settings.database.url.get_secret_value(), pool_size=settings.database.pool_size
             )
             port = int(web_socket.getsockname()[1])
             web = _Server(
                 uvicorn.Config(
-                    create_app(WebContext(settings, engine)),
+                    create_app(WebContext(settings, engine, rules_classifier(holder))),
                     host=settings.web.host,
                     port=port,
                     log_config=None,
@@ -310,11 +313,7 @@ async def _serve(
                 await asyncio.sleep(0.05)
             runtime["web_url"] = f"http://{settings.web.host}:{port}"
         if "intake" in roles:
-            holder = RulesHolder.from_settings(settings)
-            tasks["rules"] = asyncio.create_task(
-                watch_rules(holder, settings, settings.database.url.get_secret_value(), stop),
-                name="rules",
-            )
+            assert holder is not None
             worker = intake_worker(settings, rules_classifier(holder))
             tasks["intake"] = asyncio.create_task(worker.run(stop), name="intake")
         if "relay" in roles:

@@ -1,4 +1,4 @@
-"""The HTTP surface: liveness, readiness and Prometheus metrics (the API and pages build on it).
+"""The HTTP surface: liveness, readiness, Prometheus metrics and the API (`leadflow.api`).
 
 `/healthz` answers while the process serves requests. `/readyz` answers 200 only when
 PostgreSQL answers with the schema at the head revision and the Kafka broker answers with the
@@ -8,6 +8,7 @@ configured topics present; otherwise 503 with what is missing, never a stack tra
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,7 +17,9 @@ from fastapi.responses import JSONResponse
 from prometheus_client import make_asgi_app
 from sqlalchemy.engine import Engine
 
-from leadflow import __version__
+from ingest.chain import IntakeChain
+from ingest.store import Classifier, LeadStore
+from leadflow import __version__, api
 from leadflow.db import check_database, schema_version
 from leadflow.errors import ServiceUnavailable
 from leadflow.kafka import describe_topics
@@ -29,6 +32,8 @@ READY_TIMEOUT_SECONDS = 3.0
 class WebContext:
     settings: Settings
     engine: Engine
+    #: The classifier of the rules in force, for HTTP intake; None answers 503 there.
+    classifier: Callable[[], Classifier] | None = None
 
 
 def _database_check(engine: Engine) -> dict[str, Any]:
@@ -65,6 +70,18 @@ def create_app(context: WebContext) -> FastAPI:
         description="Lead ingestion and distribution for telesales call centers.",
     )
     app.mount("/metrics", make_asgi_app())
+    settings = context.settings
+    api.install(
+        app,
+        api.ApiContext(
+            settings=settings,
+            engine=context.engine,
+            classifier=context.classifier,
+            chain=IntakeChain(settings.intake.chain_config()),
+            store=LeadStore(settings.intake.dedup_window),
+            work=settings.work_config(),
+        ),
+    )
 
     @app.get("/healthz", tags=["health"], summary="Liveness: the process serves requests")
     async def healthz() -> dict[str, str]:
