@@ -10,10 +10,12 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI
-from fastapi.responses import JSONResponse
+from fastapi.responses import FileResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
 from prometheus_client import make_asgi_app
 from sqlalchemy.engine import Engine
 
@@ -26,6 +28,8 @@ from leadflow.kafka import describe_topics
 from leadflow.settings import Settings
 
 READY_TIMEOUT_SECONDS = 3.0
+#: The pages and their assets (a vendored chart library among them: no CDN, no internet).
+STATIC_DIR = Path(__file__).parent / "static"
 
 
 @dataclass
@@ -63,6 +67,14 @@ async def _guarded(name: str, check: Any) -> dict[str, Any]:
         return {"ok": False, "error": f"{name} did not answer within {READY_TIMEOUT_SECONDS:.0f}s"}
 
 
+# Pages load nothing from elsewhere; this makes the browser hold them to it.
+_PAGE_HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; object-src 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+}
+
+
 def create_app(context: WebContext) -> FastAPI:
     app = FastAPI(
         title="leadflow",
@@ -70,6 +82,12 @@ def create_app(context: WebContext) -> FastAPI:
         description="Lead ingestion and distribution for telesales call centers.",
     )
     app.mount("/metrics", make_asgi_app())
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+
+    @app.get("/agent", tags=["pages"], summary="The agent workbench", include_in_schema=False)
+    async def agent_page() -> FileResponse:
+        return FileResponse(STATIC_DIR / "agent.html", headers=_PAGE_HEADERS)
+
     settings = context.settings
     api.install(
         app,
