@@ -149,7 +149,7 @@ class LeadStore:
     ) -> BatchResult:
         """Store a batch in one transaction; commit on return, roll back on any error."""
         with conn.transaction(), conn.cursor() as cur:
-            result = self._write(cur, batch, classify)
+            result = self.write_in(cur, batch, classify)
             if offsets:
                 if consumer_group is None:
                     raise ValueError("offsets need a consumer group")
@@ -164,9 +164,14 @@ class LeadStore:
                 )
             return result
 
-    def _write(
+    def write_in(
         self, cur: psycopg.Cursor, batch: Sequence[Accepted], classify: Classifier
     ) -> BatchResult:
+        """Store a batch inside the caller's open transaction, which commits or rolls back.
+
+        For drivers that commit their own bookkeeping with the batch (a staging load's
+        checkpoint and rejects): nothing here commits, so data and bookkeeping land together.
+        """
         result = BatchResult(outcomes=["duplicate"] * len(batch), lead_ids=[None] * len(batch))
         if not batch:
             return result

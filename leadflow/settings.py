@@ -387,6 +387,49 @@ class RelaySettings(_Section):
     )
 
 
+_SLUG_PATTERN = r"^[a-z0-9][a-z0-9_.\-]{0,63}$"
+
+
+class StagingSettings(_Section):
+    """The staging loaders (`leadflow run staging`): the data team's extracts."""
+
+    schema_name: str = Field(
+        default="staging",
+        min_length=1,
+        description="Schema of the data team's staging tables; the loader reads no other. The "
+        "manifest stays in staging.extracts.",
+    )
+    chunk_rows: int = Field(
+        default=20_000,
+        ge=100,
+        le=1_000_000,
+        description="About how many rows one chunk (one transaction, one checkpoint) takes.",
+    )
+    poll_interval: Duration = Field(
+        default=timedelta(seconds=5),
+        gt=timedelta(0),
+        description="Fallback look for submitted extracts; a submission wakes loaders at once.",
+    )
+    retry_backoff_max: Duration = Field(default=timedelta(seconds=30), gt=timedelta(0))
+    default_source: str = Field(
+        default="staging",
+        pattern=_SLUG_PATTERN,
+        description="Source of rows whose extract names none.",
+    )
+    default_event_type: str = Field(
+        default="staging_extract",
+        pattern=_SLUG_PATTERN,
+        description="Event type of rows with no event_type column value and no extract default.",
+    )
+
+    @field_validator("schema_name")
+    @classmethod
+    def _identifier_length(cls, value: str) -> str:
+        if len(value.encode()) > 63 or "\x00" in value:
+            raise ValueError("must be a PostgreSQL schema name: at most 63 bytes, no NUL")
+        return value
+
+
 @dataclass(frozen=True)
 class _LoadContext:
     path: Path | None
@@ -412,6 +455,7 @@ class Settings(BaseSettings):
     classification: ClassificationSettings = Field(default_factory=ClassificationSettings)
     allocation: AllocationSettings = Field(default_factory=AllocationSettings)
     relay: RelaySettings = Field(default_factory=RelaySettings)
+    staging: StagingSettings = Field(default_factory=StagingSettings)
     queues: list[QueueSettings] = Field(default_factory=list)
 
     @field_validator("queues")

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import psycopg
 import uvicorn
@@ -40,6 +41,7 @@ from leadflow.rules import RulesHolder, watch_rules
 from leadflow.settings import QueueSettings, Settings, masked_url
 from leadflow.web import WebContext, create_app
 from schemas.lead import Classification, CustomerContext, Lead
+from sync.staging import LoaderConfig, StagingLoader
 
 log = get_logger("leadflow.stack")
 
@@ -171,6 +173,37 @@ def intake_worker(settings: Settings, classifier: Callable[[], Classifier]) -> K
     )
 
 
+def staging_loader(settings: Settings, classifier: Callable[[], Classifier]) -> StagingLoader:
+    """The staging loader role, wired from the settings."""
+    assert settings.database.url is not None
+    url = settings.database.url.get_secret_value()
+    timeout = max(1, int(settings.database.connect_timeout.total_seconds()))
+    intake, staging = settings.intake, settings.staging
+    return StagingLoader(
+        LoaderConfig(
+            schema=staging.schema_name,
+            chunk_rows=staging.chunk_rows,
+            poll_interval=staging.poll_interval,
+            retry_backoff_max=staging.retry_backoff_max,
+            default_source=staging.default_source,
+            default_event_type=staging.default_event_type,
+            timezone=ZoneInfo(settings.allocation.default_timezone),
+        ),
+        lambda: psycopg.connect(
+            url, autocommit=True, connect_timeout=timeout, application_name="leadflow-staging"
+        ),
+        IntakeChain(intake.chain_config()),
+        LeadStore(intake.dedup_window),
+        classifier,
+        lambda: psycopg.AsyncConnection.connect(
+            url,
+            autocommit=True,
+            connect_timeout=timeout,
+            application_name="leadflow-staging-listener",
+        ),
+    )
+
+
 def allocator_service(settings: Settings) -> AllocatorService:
     """The allocator role, wired from the settings."""
     assert settings.database.url is not None
@@ -284,7 +317,7 @@ async def _serve(
     }
     try:
         holder = None
-        if {"web", "intake"} & set(roles):
+        if {"web", "intake", "staging"} & set(roles):
             # One rule set per process, reloaded for every role in it that classifies.
             holder = RulesHolder.from_settings(settings)
             tasks["rules"] = asyncio.create_task(
@@ -316,6 +349,10 @@ async def _serve(
             assert holder is not None
             worker = intake_worker(settings, rules_classifier(holder))
             tasks["intake"] = asyncio.create_task(worker.run(stop), name="intake")
+        if "staging" in roles:
+            assert holder is not None
+            loader = staging_loader(settings, rules_classifier(holder))
+            tasks["staging"] = asyncio.create_task(loader.run(stop), name="staging")
         if "relay" in roles:
             tasks["relay"] = asyncio.create_task(relay_worker(settings).run(stop), name="relay")
         if "allocator" in roles:
@@ -368,7 +405,7 @@ async def _watch_servers(servers: EmbeddedServers, stop: asyncio.Event) -> None:
 
 
 #: The roles `leadflow up` runs in one process, and those `leadflow run ROLE` can run alone.
-UP_ROLES = ("web", "intake", "allocator", "relay")
+UP_ROLES = ("web", "intake", "allocator", "relay", "staging")
 BUILT_ROLES = frozenset(UP_ROLES)
 
 

@@ -1,0 +1,464 @@
+"""The staging loader role: claims extracts, loads them chunk by chunk, resumable, never twice.
+
+A loader waits for `NOTIFY leadflow_staging` (sent by the manifest's trigger on every submit,
+SQL INSERTs included) or its poll interval, claims the oldest pending extract — or a `loading`
+one whose loader died (`manifest.claim`) — and loads it to the end, one chunk per transaction:
+
+1. `LOCK TABLE ... IN ACCESS SHARE MODE` on the staging table, then check under that lock that
+   the name still means the same ordinary table (oid, file node) the extract started on: the
+   table cannot be dropped, replaced by a view or rewritten while the chunk reads it;
+2. read a range of the table's pages in ctid order (`ctid >= '(b0,0)' AND ctid < '(b1,0)'`:
+   PostgreSQL reads just those pages with a TID range scan, and any table works, with or
+   without a key), so memory is bounded by the chunk whatever the table's size;
+3. map the rows (`sync.staging.rows`), run the shared intake chain (intake `staging`, the
+   extract's hints), store the accepted leads with `LeadStore.write_in`, COPY the rejects into
+   `staging.extract_rejects`;
+4. advance the counters and the checkpoint (the next page) in the manifest — all in the chunk's
+   transaction, so a crash or SIGTERM anywhere resumes at the first uncommitted chunk, and
+   the rows' deterministic event ids make any replay a no-op.
+
+Counts, per row: `loaded` made a new lead; `merged` joined an existing lead (an open lead of
+the customer in that business line, an earlier row of the same extract included) or was
+already stored (the same row of the same table loaded before: `checkpoint.duplicates` says
+how many); `rejected` has a row in `staging.extract_rejects`. loaded + merged + rejected =
+rows done, and at the end = rows_total.
+
+Failures, by what happens next: the table gone, refused or changed, a permission or data
+error -> the extract `failed` with the reason and the loader moves on; the database away, a
+deadlock -> back off, reconnect, take the extract over again from its checkpoint. SIGTERM stops
+after the chunk in hand; the extract stays `loading` and the next loader resumes it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import timedelta, tzinfo
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import psycopg
+import structlog
+from psycopg import sql
+from psycopg.types.json import Jsonb
+
+from ingest import metrics as intake_metrics
+from ingest.chain import Accepted, IntakeChain, Rejected
+from ingest.consumer import Backoff
+from ingest.store import Classifier, LeadStore
+from schemas.lead import Hints
+from sync.staging import metrics
+from sync.staging.manifest import (
+    SUBMITTED_CHANNEL,
+    Extract,
+    TableInfo,
+    TableRefused,
+    check_hints,
+    claim,
+    fail,
+    inspect_table,
+    qualified,
+    release,
+    start,
+    state_counts,
+)
+from sync.staging.rows import EventDefaults, RowMapper, event_id_prefix
+
+log = structlog.stdlib.get_logger("leadflow.staging")
+
+#: Errors after which the same work may succeed: back off, reconnect, resume.
+TRANSIENT = (
+    psycopg.OperationalError,
+    psycopg.errors.AdminShutdown,
+    psycopg.errors.DeadlockDetected,
+    psycopg.errors.SerializationFailure,
+    psycopg.errors.LockNotAvailable,
+)
+
+
+@dataclass(frozen=True)
+class LoaderConfig:
+    schema: str = "staging"
+    chunk_rows: int = 20_000
+    poll_interval: timedelta = timedelta(seconds=5)
+    retry_backoff_max: timedelta = timedelta(seconds=30)
+    default_source: str = "staging"
+    default_event_type: str = "staging_extract"
+    #: Of naive timestamps (timestamp without time zone, date) in staging tables.
+    timezone: tzinfo = field(default_factory=lambda: ZoneInfo("Asia/Shanghai"))
+    worker: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
+
+
+@dataclass
+class LoadResult:
+    extract_id: int
+    state: str  # loaded, failed, or loading (stopped before the end)
+    chunks: int = 0
+    rows: int = 0
+    error: str | None = None
+
+
+_REJECTS_COPY = (
+    "COPY staging.extract_rejects (extract_id, row_number, code, detail, row) FROM STDIN"
+)
+_PROGRESS = """
+UPDATE staging.extracts
+SET rows_loaded = %s, rows_merged = %s, rows_rejected = %s, checkpoint = %s,
+    state = CASE WHEN %s THEN 'loaded' ELSE state END,
+    finished_at = CASE WHEN %s THEN now() ELSE finished_at END
+WHERE id = %s
+"""
+_IDENTITY = """
+SELECT c.oid, c.relkind, pg_relation_filenode(c.oid)
+FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE n.nspname = %s AND c.relname = %s
+"""
+
+
+class ExtractFailed(Exception):
+    """This extract cannot be loaded; the message is the manifest's error text."""
+
+
+class StagingLoader:
+    """One loader; run any number, in one process or many."""
+
+    def __init__(
+        self,
+        config: LoaderConfig,
+        connect: Callable[[], psycopg.Connection[Any]],
+        chain: IntakeChain,
+        store: LeadStore,
+        classifier: Callable[[], Classifier],
+        connect_async: Callable[[], Awaitable[psycopg.AsyncConnection[Any]]] | None = None,
+    ) -> None:
+        self.config = config
+        self.connect = connect
+        self.connect_async = connect_async
+        self.chain = chain
+        self.store = store
+        self.classifier = classifier
+        self._conn: psycopg.Connection[Any] | None = None
+        self.loads = 0
+
+    # -- the loop ------------------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> None:
+        wake = asyncio.Event()
+        listener = (
+            asyncio.create_task(self._listen(wake, stop), name="staging-listen")
+            if self.connect_async is not None
+            else None
+        )
+        backoff = Backoff(self.config.retry_backoff_max.total_seconds())
+        log.info("staging loader started", schema=self.config.schema, worker=self.config.worker)
+        try:
+            while not stop.is_set():
+                wake.clear()
+                try:
+                    result = await asyncio.to_thread(self.load_next, stop.is_set)
+                    backoff.reset()
+                except TRANSIENT as exc:
+                    intake_metrics.RETRIES.labels("staging", "database").inc()
+                    await asyncio.to_thread(self._drop_connection)
+                    delay = backoff.next()
+                    log.warning(
+                        "staging load interrupted; retrying",
+                        error=str(exc).strip()[:200],
+                        retry_in=round(delay, 2),
+                    )
+                    await _wait_any(stop, None, delay)
+                    continue
+                if result is None:  # nothing to load: wait for a submission or the poll
+                    await _wait_any(stop, wake, self.config.poll_interval.total_seconds())
+        finally:
+            if listener is not None:
+                listener.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await listener
+            await asyncio.to_thread(self._drop_connection)
+            log.info("staging loader stopped", loads=self.loads)
+
+    async def _listen(self, wake: asyncio.Event, stop: asyncio.Event) -> None:
+        assert self.connect_async is not None
+        backoff = Backoff(self.config.retry_backoff_max.total_seconds())
+        while not stop.is_set():
+            try:
+                async with await self.connect_async() as conn:
+                    await conn.execute(f"LISTEN {SUBMITTED_CHANNEL}")
+                    wake.set()  # whatever was submitted while not listening
+                    backoff.reset()
+                    async for _ in conn.notifies():
+                        wake.set()
+            except TRANSIENT as exc:
+                delay = backoff.next()
+                log.warning("staging listener lost; reconnecting", error=str(exc), delay=delay)
+                await _wait_any(stop, None, delay)
+
+    # -- one extract -----------------------------------------------------------------------------
+
+    def load_next(self, stopping: Callable[[], bool] = lambda: False) -> LoadResult | None:
+        """Claim one extract and load it to its end (or until `stopping()`); None if there was
+        nothing to claim. Synchronous; raises TRANSIENT errors, after which the extract stays
+        `loading` and is resumed by whichever loader claims it next."""
+        conn = self._connection()
+        self._refresh_gauge(conn)
+        extract = claim(conn)
+        if extract is None:
+            return None
+        self.loads += 1
+        try:
+            result = self._load(conn, extract, stopping)
+        except ExtractFailed as exc:
+            result = LoadResult(extract.id, "failed", error=str(exc))
+            self._fail(conn, extract, str(exc))
+        except TRANSIENT:
+            raise
+        except psycopg.DatabaseError as exc:
+            # Permission, a column dropped, a value PostgreSQL refused: not going to get better.
+            message = f"database error: {str(exc).strip().splitlines()[0]}"
+            result = LoadResult(extract.id, "failed", error=message)
+            self._fail(conn, extract, message)
+        finally:
+            if not conn.closed:
+                with contextlib.suppress(psycopg.Error):
+                    release(conn, extract.id)
+        self._refresh_gauge(conn)
+        return result
+
+    def _fail(self, conn: psycopg.Connection[Any], extract: Extract, error: str) -> None:
+        with conn.transaction():
+            fail(conn, extract.id, error, self.config.worker)
+        metrics.EXTRACTS_FINISHED.labels("failed").inc()
+        log.warning("extract failed", extract=extract.id, table=extract.table_name, error=error)
+
+    def _begin(
+        self, conn: psycopg.Connection[Any], extract: Extract
+    ) -> tuple[TableInfo, dict[str, Any], int]:
+        """Inspect the table and record the start (or the takeover); return the table, the
+        checkpoint and rows_total."""
+        config = self.config
+        problems = check_hints(extract.source, extract.event_type, extract.priority)
+        if problems:
+            raise ExtractFailed("; ".join(problems))
+        try:
+            with conn.transaction():
+                info = inspect_table(conn, config.schema, extract.table_name)
+                checkpoint = extract.checkpoint
+                if checkpoint is None:
+                    row = conn.execute(
+                        sql.SQL("SELECT count(*) FROM {} WHERE ctid < %s::tid").format(
+                            qualified(config.schema, extract.table_name)
+                        ),
+                        (f"({info.blocks},0)",),
+                    ).fetchone()
+                    rows_total = int(row[0]) if row else 0
+                    checkpoint = {
+                        "relid": info.relid,
+                        "filenode": info.filenode,
+                        "blocks": info.blocks,
+                        "next_block": 0,
+                        "duplicates": 0,
+                    }
+                else:
+                    rows_total = extract.rows_total
+                    _same_table(checkpoint, info, f"{config.schema}.{extract.table_name}")
+                start(conn, extract.id, config.worker, rows_total, checkpoint)
+        except TableRefused as exc:
+            raise ExtractFailed(str(exc)) from None
+        log.info(
+            "loading extract" if extract.checkpoint is None else "resuming extract",
+            extract=extract.id,
+            table=extract.table_name,
+            rows_total=rows_total,
+            next_block=checkpoint["next_block"],
+            blocks=checkpoint["blocks"],
+        )
+        return info, dict(checkpoint), rows_total
+
+    def _load(
+        self, conn: psycopg.Connection[Any], extract: Extract, stopping: Callable[[], bool]
+    ) -> LoadResult:
+        config = self.config
+        info, checkpoint, rows_total = self._begin(conn, extract)
+        defaults = EventDefaults(
+            source=extract.source or config.default_source,
+            event_type=extract.event_type or config.default_event_type,
+            campaign=extract.campaign,
+            occurred_at=extract.submitted_at,
+            timezone=config.timezone,
+        )
+        mapper = RowMapper(
+            info.columns,
+            defaults,
+            event_id_prefix(extract.table_name, info.relid, info.filenode),
+        )
+        hints = None
+        if extract.business_line or extract.segment or extract.priority is not None:
+            hints = Hints(extract.business_line, extract.segment, extract.priority)
+        blocks = int(checkpoint["blocks"])
+        rows_per_block = max(1.0, rows_total / blocks) if blocks else 1.0
+        chunk_blocks = max(1, round(config.chunk_rows / rows_per_block))
+        table = qualified(config.schema, extract.table_name)
+        select = sql.SQL(
+            "SELECT ctid, {} FROM {} WHERE ctid >= %s::tid AND ctid < %s::tid ORDER BY ctid"
+        ).format(sql.SQL(", ").join(sql.Identifier(c) for c in info.columns), table)
+        lock = sql.SQL("LOCK TABLE {} IN ACCESS SHARE MODE").format(table)
+        counts = Counter(
+            loaded=extract.rows_loaded, merged=extract.rows_merged, rejected=extract.rows_rejected
+        )
+        result = LoadResult(extract.id, "loading")
+        where = f"{config.schema}.{extract.table_name}"
+        while True:
+            first = int(checkpoint["next_block"])
+            last = first >= blocks
+            if not last and stopping():
+                log.info("staging load paused", extract=extract.id, next_block=first)
+                return result
+            end = min(blocks, first + chunk_blocks)
+            started = time.perf_counter()
+            classify = self.classifier()
+            with conn.transaction(), conn.cursor() as cur:
+                rows: list[Any] = []
+                if not last:
+                    cur.execute(lock)
+                    identity = cur.execute(
+                        _IDENTITY, (config.schema, extract.table_name)
+                    ).fetchone()
+                    if identity is None:
+                        raise ExtractFailed(f"table {where} was dropped while loading")
+                    if identity[1] != "r":
+                        raise ExtractFailed(
+                            f"{where} was replaced by something other than a table while loading"
+                        )
+                    _same_table(
+                        checkpoint, TableInfo(int(identity[0]), int(identity[2]), blocks, ()), where
+                    )
+                    rows = cur.execute(select, (f"({first},0)", f"({end},0)")).fetchall()
+                done_before = counts.total()
+                outcomes = self.chain.process_objects(
+                    mapper.records(rows, done_before + 1), "staging", hints
+                )
+                accepted = [o for o in outcomes if isinstance(o, Accepted)]
+                rejected = [o for o in outcomes if isinstance(o, Rejected)]
+                stored = self.store.write_in(cur, accepted, classify)
+                if rejected:
+                    with cur.copy(_REJECTS_COPY) as copy:
+                        for r in rejected:
+                            row_number = r.record.row
+                            assert row_number is not None
+                            row = rows[row_number - done_before - 1]
+                            copy.write_row(
+                                (
+                                    extract.id,
+                                    row_number,
+                                    r.code,
+                                    r.detail,
+                                    Jsonb(mapper.row_json(row)),
+                                )
+                            )
+                new, merged, duplicate = (stored.count(o) for o in ("new", "merged", "duplicate"))
+                counts.update(loaded=new, merged=merged + duplicate, rejected=len(rejected))
+                checkpoint["next_block"] = end
+                checkpoint["duplicates"] = int(checkpoint.get("duplicates", 0)) + duplicate
+                finished = end >= blocks
+                if finished and counts.total() != rows_total:
+                    raise ExtractFailed(
+                        f"{counts.total():,} rows read but {rows_total:,} counted at the start: "
+                        f"{where} changed while loading; submit it again once it is complete"
+                    )
+                cur.execute(
+                    _PROGRESS,
+                    (
+                        counts["loaded"], counts["merged"], counts["rejected"], Jsonb(checkpoint),
+                        finished, finished, extract.id,
+                    ),
+                )  # fmt: skip
+            result.chunks += 1
+            result.rows += len(rows)
+            self._count(len(rows), new, merged, duplicate, rejected, time.perf_counter() - started)
+            if finished:
+                result.state = "loaded"
+                metrics.EXTRACTS_FINISHED.labels("loaded").inc()
+                log.info(
+                    "extract loaded",
+                    extract=extract.id,
+                    table=extract.table_name,
+                    loaded=counts["loaded"],
+                    merged=counts["merged"],
+                    rejected=counts["rejected"],
+                )
+                return result
+
+    @staticmethod
+    def _count(
+        rows: int, new: int, merged: int, duplicate: int, rejected: list[Rejected], seconds: float
+    ) -> None:
+        metrics.ROWS.labels("loaded").inc(new)
+        metrics.ROWS.labels("merged").inc(merged + duplicate)
+        metrics.ROWS.labels("rejected").inc(len(rejected))
+        metrics.CHUNK_SECONDS.observe(seconds)
+        intake_metrics.BATCH_SIZE.labels("staging").observe(rows)
+        intake_metrics.BATCH_SECONDS.labels("staging").observe(seconds)
+        for outcome, count in (("new", new), ("merged", merged), ("duplicate", duplicate)):
+            if count:
+                intake_metrics.EVENTS.labels("staging", outcome).inc(count)
+        if rejected:
+            intake_metrics.EVENTS.labels("staging", "rejected").inc(len(rejected))
+            for code, count in Counter(r.code for r in rejected).items():
+                intake_metrics.REJECTS.labels("staging", code).inc(count)
+
+    def _refresh_gauge(self, conn: psycopg.Connection[Any]) -> None:
+        with conn.transaction():
+            counts = state_counts(conn)
+        for state in ("pending", "loading", "loaded", "failed"):
+            metrics.EXTRACTS.labels(state).set(counts.get(state, 0))
+
+    # -- the connection --------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Close the connection (`run` does on its way out); a later load reconnects."""
+        self._drop_connection()
+
+    def _connection(self) -> psycopg.Connection[Any]:
+        if self._conn is None or self._conn.closed:
+            conn = self.connect()
+            # A policy on a data team's table would run its expressions as this role: with
+            # row security off, reading such a table fails instead (the extract fails).
+            conn.execute("SET row_security = off")
+            self._conn = conn
+        return self._conn
+
+    def _drop_connection(self) -> None:
+        if self._conn is not None:
+            with contextlib.suppress(Exception):
+                self._conn.close()
+            self._conn = None
+
+
+def _same_table(checkpoint: dict[str, Any], info: TableInfo, where: str) -> None:
+    if int(checkpoint["relid"]) != info.relid:
+        raise ExtractFailed(
+            f"table {where} was dropped and created again while loading; submit it again"
+        )
+    if int(checkpoint["filenode"]) != info.filenode:
+        raise ExtractFailed(
+            f"table {where} was rewritten (TRUNCATE, VACUUM FULL, CLUSTER or ALTER) while "
+            "loading; submit it again"
+        )
+
+
+async def _wait_any(stop: asyncio.Event, wake: asyncio.Event | None, seconds: float) -> None:
+    waiters = [asyncio.ensure_future(stop.wait())]
+    if wake is not None:
+        waiters.append(asyncio.ensure_future(wake.wait()))
+    try:
+        await asyncio.wait(waiters, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()
