@@ -48,6 +48,8 @@ from schemas.vocab import (
     EXTRACT_STATES,
     INTAKES,
     LEAD_STATES,
+    POLLER_OUTCOMES,
+    POLLER_TRIGGERS,
     REJECT_CODES,
     ROLES,
     STRATEGIES,
@@ -441,17 +443,82 @@ class PollerState(Base):
     __table_args__ = (
         _at_least("consecutive_failures", 0),
         _at_least("rows_total", 0),
+        CheckConstraint(_one_of("last_outcome", POLLER_OUTCOMES), name="last_outcome"),
     )
 
     source: Mapped[str] = mapped_column(primary_key=True)
     # The watermark value and the tiebreak key of the last row taken; null before the first run.
     watermark: Mapped[dict[str, Any] | None]
+    #: When the last run started.
     last_run_at: Mapped[datetime | None]
     last_success_at: Mapped[datetime | None]
     last_error: Mapped[str | None]
     consecutive_failures: Mapped[int] = mapped_column(server_default=text("0"))
     rows_total: Mapped[int] = mapped_column(BigInteger, server_default=text("0"))
     updated_at: Mapped[datetime] = _updated_at_column()
+    #: How the last run ended, and how many source rows it read.
+    last_outcome: Mapped[str | None]
+    last_rows: Mapped[int] = mapped_column(BigInteger, server_default=text("0"))
+    #: While failing: when the scheduler tries again (exponential backoff).
+    retry_at: Mapped[datetime | None]
+
+
+class PollerRun(Base):
+    """One run of a poller: what it read and stored, how it ended. Kept for
+    `scheduler.history_retention`; runs that read nothing, for a day."""
+
+    __tablename__ = "poller_runs"
+    __table_args__ = (
+        CheckConstraint(_one_of("outcome", POLLER_OUTCOMES), name="outcome"),
+        CheckConstraint(_one_of("trigger", POLLER_TRIGGERS), name="trigger"),
+        CheckConstraint("(outcome = 'running') = (finished_at IS NULL)", name="finished_at"),
+        _at_least("pages", 0),
+        _at_least("rows_read", 0),
+        Index("ix_poller_runs_source_started_at", "source", "started_at"),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    source: Mapped[str]
+    trigger: Mapped[str]
+    #: host:pid of the process that ran it.
+    worker: Mapped[str | None]
+    outcome: Mapped[str] = mapped_column(server_default="running")
+    started_at: Mapped[datetime] = _now_column()
+    finished_at: Mapped[datetime | None]
+    pages: Mapped[int] = mapped_column(server_default=text("0"))
+    rows_read: Mapped[int] = mapped_column(BigInteger, server_default=text("0"))
+    rows_new: Mapped[int] = mapped_column(BigInteger, server_default=text("0"))
+    rows_merged: Mapped[int] = mapped_column(BigInteger, server_default=text("0"))
+    rows_duplicate: Mapped[int] = mapped_column(BigInteger, server_default=text("0"))
+    rows_rejected: Mapped[int] = mapped_column(BigInteger, server_default=text("0"))
+    #: Rejected rows by reason code, e.g. {"invalid_phone": 3}.
+    rejects: Mapped[dict[str, Any]] = mapped_column(server_default=text("'{}'"))
+    watermark_from: Mapped[dict[str, Any] | None]
+    watermark_to: Mapped[dict[str, Any] | None]
+    error: Mapped[str | None]
+
+
+class PollerReject(Base):
+    """A source row the intake chain refused: which row (its identity in the source and its
+    watermark), the code and a detail naming fields, never their values. At most
+    1,000 per run are kept; the run's counts are complete."""
+
+    __tablename__ = "poller_rejects"
+    __table_args__ = (
+        CheckConstraint(_one_of("code", REJECT_CODES), name="code"),
+        Index("ix_poller_rejects_run_id", "run_id"),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    run_id: Mapped[int] = mapped_column(
+        BigInteger, ForeignKey("poller_runs.id", ondelete="CASCADE")
+    )
+    source: Mapped[str]
+    row_key: Mapped[str]
+    watermark: Mapped[dict[str, Any] | None]
+    code: Mapped[str]
+    detail: Mapped[str]
+    created_at: Mapped[datetime] = _now_column()
 
 
 class ConsumerOffset(Base):

@@ -51,3 +51,13 @@ RejectCode = Literal[
     "consent_missing",
 ]
 REJECT_CODES: tuple[RejectCode, ...] = get_args(RejectCode)
+
+#: How a poller run ended (`poller_runs.outcome`): `running` until it ends, `stopped` when shut
+#: down between pages (its pages are kept), `interrupted` when its process died mid-run (marked
+#: by the next run of the source).
+PollerOutcome = Literal["running", "succeeded", "failed", "stopped", "interrupted"]
+POLLER_OUTCOMES: tuple[PollerOutcome, ...] = get_args(PollerOutcome)
+
+#: What started a poller run: its schedule, a retry after a failure, or `leadflow sources run`.
+PollerTrigger = Literal["schedule", "retry", "cli"]
+POLLER_TRIGGERS: tuple[PollerTrigger, ...] = get_args(PollerTrigger)
