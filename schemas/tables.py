@@ -170,6 +170,7 @@ class Lead(Base):
         ),
         # Dedup: does this customer already have an open lead in this business line?
         Index("ix_leads_customer_line", "customer_id", "business_line", "created_at"),
+        Index("ix_leads_created_at", "created_at", postgresql_using="brin"),
         # The sweep for callbacks and delayed retries.
         Index(
             "ix_leads_next_action_at",
@@ -221,6 +222,8 @@ class LeadEvent(Base):
             name="kafka_position",
         ),
         Index("ix_lead_events_lead_id", "lead_id"),
+        # "The last hour" for the ops views: BRIN, as rows arrive in time order.
+        Index("ix_lead_events_received_at", "received_at", postgresql_using="brin"),
     )
 
     id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
@@ -374,6 +377,7 @@ class Assignment(Base):
         Index("ix_assignments_agent_id_assigned_at", "agent_id", "assigned_at"),
         # History of a lead (sticky strategy, reporting); the partial index covers open ones only.
         Index("ix_assignments_lead_id", "lead_id"),
+        Index("ix_assignments_assigned_at", "assigned_at", postgresql_using="brin"),
         # The SLA sweep.
         Index(
             "ix_assignments_open_sla_deadline",
