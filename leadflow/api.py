@@ -47,6 +47,7 @@ from ingest.chain import Accepted, IntakeChain, Record, Rejected
 from ingest.store import Classifier, LeadStore
 from leadflow.db import queue_stats
 from leadflow.logs import get_logger
+from leadflow.pipeline import snapshot
 from leadflow.privacy import mask_phone
 from leadflow.settings import Settings
 from schemas.events import LeadEvent
@@ -568,6 +569,17 @@ def queues(principal: Watchers, context: Context) -> list[QueueView]:
     with context.engine.connect() as conn:
         available = {str(name): int(count) for name, count in conn.execute(_AGENTS_AVAILABLE)}
     return [QueueView(**s, agents_available=available.get(s["queue"], 0)) for s in stats]
+
+
+@router.get(
+    "/pipeline",
+    tags=["ops"],
+    summary="The pipeline at a glance: intake per channel per minute, rejects, classification "
+    "mix, queues, agents, SLA, speed to lead, pollers, staging extracts",
+    responses=_errors(),
+)
+def pipeline(principal: Watchers, context: Context) -> dict[str, Any]:
+    return snapshot(context.engine)
 
 
 @router.post(

@@ -88,6 +88,10 @@ def create_app(context: WebContext) -> FastAPI:
     async def agent_page() -> FileResponse:
         return FileResponse(STATIC_DIR / "agent.html", headers=_PAGE_HEADERS)
 
+    @app.get("/ops", tags=["pages"], summary="The live ops dashboard", include_in_schema=False)
+    async def ops_page() -> FileResponse:
+        return FileResponse(STATIC_DIR / "ops.html", headers=_PAGE_HEADERS)
+
     settings = context.settings
     api.install(
         app,

@@ -138,6 +138,7 @@ ROUTES: list[tuple[str, str, Any]] = [
     ("POST", f"/api/v1/assignments/{uuid.uuid4()}/disposition", {"outcome": "no_answer"}),
     ("POST", f"/api/v1/assignments/{uuid.uuid4()}/reject", {"reason": "busy"}),
     ("GET", "/api/v1/queues", None),
+    ("GET", "/api/v1/pipeline", None),
     ("POST", "/api/v1/agents/a-2/status", {"status": "available"}),
     ("POST", "/api/v1/leads", [event("matrix")]),
 ]
@@ -147,6 +148,7 @@ ALLOWED = {
     "/api/v1/me/status": {"a-1"},
     "/assignments/": {"a-1"},
     "/api/v1/queues": {"supervisor", "ops"},
+    "/api/v1/pipeline": {"supervisor", "ops"},
     "/api/v1/agents/": {"supervisor", "ops"},
     "/api/v1/leads": {"ops", "product"},
 }
@@ -302,6 +304,25 @@ async def test_queues_show_depth_and_available_agents(api: Api) -> None:
     [row] = response.json()
     assert row["open"] == 3
     assert row["agents_available"] == 1
+
+
+async def test_the_pipeline_agrees_with_what_happened(api: Api) -> None:
+    await api.post_leads([event(n, phone=f"1350000{n:04d}") for n in range(4)])
+    await api.post_leads([event(1, phone="13500000001")])  # a redelivery stores nothing
+    assert api.allocate() == 4
+    response = await api.client.get("/api/v1/pipeline", headers=api.auth("ops"))
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["intake"]["events_in_window"]["http"] == 4
+    assert sum(body["intake"]["events_per_minute"]["http"]) == 4
+    assert body["leads_by_state"]["assigned"] == 4
+    assert sum(row["leads"] for row in body["classification"]) == 4
+    assert body["agents"]["available"] == {"agents": 1, "capacity": 10, "open": 4}
+    assert body["speed_to_lead"]["first_assignments"] == 4
+    assert body["speed_to_lead"]["assign_p50_seconds"] >= 0
+    assert body["sla"] == {"open_breached": 0, "expired_in_window": 0}
+    assert body["pollers"] == []
+    assert body["extracts"] == []
 
 
 # --- malformed requests ----------------------------------------------------------------------
