@@ -8,6 +8,7 @@ cannot start — print one paragraph and exit 1; a traceback means a bug.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import sys
 import warnings
@@ -373,16 +374,96 @@ def publish(
         raise typer.Exit(1)
 
 
+def _staging_database(settings: Settings) -> str:
+    from leadflow.stack import resolve_endpoints
+
+    url = resolve_endpoints(settings).database_url
+    if url is None:
+        raise ServiceUnavailable(
+            "No database with a staging manifest: set database.url (or LEADFLOW_DATABASE_URL), "
+            "or start `leadflow up` from this directory and run this beside it."
+        )
+    return url
+
+
 @staging_app.command("submit")
-def staging_submit(table: str) -> None:
-    """Register a staging table for loading."""
-    _not_yet("staging submit", "the staging-table loader")
+def staging_submit(
+    ctx: typer.Context,
+    table: Annotated[str, typer.Argument(help="The table's name in the staging schema.")],
+    source: Annotated[
+        str | None, typer.Option("--source", help="Source of its rows (default: staging).")
+    ] = None,
+    event_type: Annotated[
+        str | None,
+        typer.Option(
+            "--event-type", help="Event type of rows without one (default: staging_extract)."
+        ),
+    ] = None,
+    business_line: Annotated[
+        str | None,
+        typer.Option("--business-line", help="Business line of every row (skips the rules)."),
+    ] = None,
+    segment: Annotated[
+        str | None, typer.Option("--segment", help="Segment of every row (skips the rules).")
+    ] = None,
+    priority: Annotated[
+        int | None, typer.Option("--priority", min=0, max=100, help="Priority of every row.")
+    ] = None,
+    campaign: Annotated[
+        str | None, typer.Option("--campaign", help="Campaign of rows without one.")
+    ] = None,
+) -> None:
+    """Register a staging table for loading; prints the extract id.
+
+    The table must exist in the staging schema and have a phone column. Loaders pick it up at
+    once (`leadflow run staging`, part of `leadflow up`); `leadflow staging status` follows it.
+    """
+    settings = _settings(ctx)
+    from leadflow.extracts import submit_table
+    from sync.staging import Submission
+
+    extract_id = submit_table(
+        settings,
+        _staging_database(settings),
+        Submission(table, source, event_type, business_line, segment, priority, campaign),
+    )
+    console.print(
+        f"extract [bold]{extract_id}[/]: {escape(settings.staging.schema_name)}."
+        f"{escape(table)} submitted",
+        highlight=False,
+    )
 
 
 @staging_app.command("status")
-def staging_status() -> None:
-    """Show extracts and their progress."""
-    _not_yet("staging status", "the staging-table loader")
+def staging_status(
+    ctx: typer.Context,
+    watch: Annotated[
+        bool, typer.Option("--watch", help="Refresh every second until Ctrl-C.")
+    ] = False,
+    limit: Annotated[int, typer.Option("--limit", min=1, help="How many extracts.")] = 20,
+) -> None:
+    """Extracts, newest first: state, rows done of total, loaded, merged, rejected, duration,
+    error."""
+    settings = _settings(ctx)
+    import time
+    from datetime import UTC, datetime
+
+    from rich.live import Live
+
+    from leadflow.extracts import recent, status_table
+
+    url = _staging_database(settings)
+    table = status_table(recent(url, limit), datetime.now(UTC))
+    if not watch:
+        console.print(table)
+        return
+    with (
+        Live(table, console=console, auto_refresh=False) as live,
+        contextlib.suppress(KeyboardInterrupt),
+    ):
+        while True:
+            time.sleep(1)
+            live.update(status_table(recent(url, limit), datetime.now(UTC)), refresh=True)
 
 
 @sources_app.command("list")
