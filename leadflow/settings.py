@@ -18,7 +18,8 @@ import zoneinfo
 from collections.abc import Iterator, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import date, datetime, timedelta
+from decimal import Decimal
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -32,6 +33,7 @@ from pydantic import (
     SecretStr,
     ValidationError,
     field_validator,
+    model_validator,
 )
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
@@ -41,6 +43,9 @@ from allocate.work import WorkConfig
 from ingest.chain import ChainConfig
 from leadflow.errors import LeadflowError
 from schemas.vocab import Strategy
+from sync.pollers import SourceSpec, parse_schedule
+from sync.pollers.poller import query_parameters, source_url
+from sync.pollers.rows import check_target
 
 ENV_PREFIX = "LEADFLOW_"
 DEFAULT_CONFIG_FILE = "leadflow.yaml"
@@ -430,6 +435,169 @@ class StagingSettings(_Section):
         return value
 
 
+class SchedulerSettings(_Section):
+    """The scheduler role (`leadflow run scheduler`) that runs the stock-data pollers."""
+
+    timezone: str | None = Field(
+        default=None,
+        description="Timezone of crontab schedules and of naive timestamps in sources; unset: "
+        "allocation.default_timezone.",
+    )
+    misfire_grace_time: Duration | None = Field(
+        default=None,
+        description="A tick that comes later than this (the process was busy or paused) is "
+        "skipped; null: it runs however late (missed ticks are coalesced into one run).",
+    )
+    retry_backoff_initial: Duration = Field(
+        default=timedelta(seconds=5),
+        gt=timedelta(0),
+        description="Wait after a source's first failed run; it doubles with every failure.",
+    )
+    retry_backoff_max: Duration = Field(
+        default=timedelta(minutes=5),
+        gt=timedelta(0),
+        description="The longest wait between retries of a failing source.",
+    )
+    lock_interval: Duration = Field(
+        default=timedelta(seconds=1),
+        gt=timedelta(0),
+        description="How often a standby scheduler tries the lock and the leader checks it.",
+    )
+    stop_timeout: Duration = Field(
+        default=timedelta(seconds=30),
+        gt=timedelta(0),
+        description="How long stopping waits for runs to finish the page in hand.",
+    )
+    max_page_rows: int = Field(
+        default=100_000,
+        ge=1,
+        le=10_000_000,
+        description="The most rows a page of a plain `> :watermark` query may grow to when all "
+        "its rows share one watermark value.",
+    )
+    history_retention: Duration = Field(
+        default=timedelta(days=30),
+        gt=timedelta(0),
+        description="How long poller_runs (and their rejected rows) are kept.",
+    )
+
+    @field_validator("timezone")
+    @classmethod
+    def _timezone(cls, value: str | None) -> str | None:
+        return None if value is None else _known_timezone(value)
+
+
+def _start_value(value: Any) -> Any:
+    """A watermark to start from as YAML gives it: numbers and dates as they are, text that is
+    an ISO 8601 date-time as a datetime, other text as text."""
+    if isinstance(value, str):
+        try:
+            return datetime.fromisoformat(value.strip())
+        except ValueError:
+            return value
+    return value
+
+
+class SourceSettings(_Section):
+    """One stock-data source the scheduler polls (CONTRACT.md §6)."""
+
+    name: str = Field(pattern=_SLUG_PATTERN, description="Also the `source` of its events.")
+    url: SecretStr = Field(
+        description="SQLAlchemy URL of the source database; credentials via ${VAR}."
+    )
+    query: str = Field(
+        min_length=1,
+        description="Reads the rows after :watermark in watermark order, LIMIT :limit.",
+    )
+    watermark: str = Field(min_length=1, description="The result column compared with :watermark.")
+    key: str | None = Field(
+        default=None,
+        min_length=1,
+        description="A result column unique per row: the tiebreak of :watermark_key queries and "
+        "the row's identity in its event id.",
+    )
+    schedule: str = Field(description='Crontab ("*/10 * * * *") or an interval ("5m").')
+    event_type: str = Field(pattern=_SLUG_PATTERN)
+    batch_size: int = Field(default=5000, ge=1, le=100_000)
+    columns: dict[str, str | None] = Field(
+        default_factory=dict,
+        description="Source column -> LeadEvent field, attributes.NAME, or null (dropped).",
+    )
+    start: Annotated[datetime | date | int | Decimal | str, BeforeValidator(_start_value)] = Field(
+        default=datetime(1970, 1, 1),  # noqa: DTZ001 - compared with naive and aware columns
+        description="The watermark of the first run.",
+    )
+    timezone: str | None = Field(
+        default=None, description="Of naive timestamps in this source; unset: scheduler.timezone."
+    )
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: SecretStr) -> SecretStr:
+        return SecretStr(source_url(value.get_secret_value()))
+
+    @field_validator("query")
+    @classmethod
+    def _parameters(cls, value: str) -> str:
+        missing = {"watermark", "limit"} - query_parameters(value)
+        if missing:
+            raise ValueError(
+                f"must use {' and '.join(f':{name}' for name in sorted(missing, reverse=True))}"
+                " (the rows after :watermark in watermark order, LIMIT :limit)"
+            )
+        return value
+
+    @field_validator("schedule")
+    @classmethod
+    def _schedule(cls, value: str) -> str:
+        parse_schedule(value)
+        return value
+
+    @field_validator("columns")
+    @classmethod
+    def _targets(cls, value: dict[str, str | None]) -> dict[str, str | None]:
+        for column, target in value.items():
+            try:
+                check_target(target)
+            except ValueError as exc:
+                raise ValueError(f"{column}: {exc}") from None
+        return value
+
+    @field_validator("timezone")
+    @classmethod
+    def _timezone(cls, value: str | None) -> str | None:
+        return None if value is None else _known_timezone(value)
+
+    @model_validator(mode="after")
+    def _key_for_keyed_queries(self) -> SourceSettings:
+        if "watermark_key" in query_parameters(self.query) and self.key is None:
+            raise ValueError(
+                "the query uses :watermark_key, so `key` must name the result column it is "
+                "compared with"
+            )
+        return self
+
+    def spec(self, default_timezone: str) -> SourceSpec:
+        return SourceSpec(
+            name=self.name,
+            url=self.url.get_secret_value(),
+            query=self.query,
+            watermark=self.watermark,
+            schedule=parse_schedule(self.schedule),
+            event_type=self.event_type,
+            batch_size=self.batch_size,
+            key=self.key,
+            keyed="watermark_key" in query_parameters(self.query),
+            columns=dict(self.columns),
+            start=self.start,
+            timezone=zoneinfo.ZoneInfo(self.timezone or default_timezone),
+        )
+
+    @property
+    def masked_url(self) -> str:
+        return masked_url(self.url.get_secret_value())
+
+
 @dataclass(frozen=True)
 class _LoadContext:
     path: Path | None
@@ -456,7 +624,9 @@ class Settings(BaseSettings):
     allocation: AllocationSettings = Field(default_factory=AllocationSettings)
     relay: RelaySettings = Field(default_factory=RelaySettings)
     staging: StagingSettings = Field(default_factory=StagingSettings)
+    scheduler: SchedulerSettings = Field(default_factory=SchedulerSettings)
     queues: list[QueueSettings] = Field(default_factory=list)
+    sources: list[SourceSettings] = Field(default_factory=list)
 
     @field_validator("queues")
     @classmethod
@@ -469,6 +639,22 @@ class Settings(BaseSettings):
     def queue_specs(self) -> list[QueueSpec]:
         """The configured queues, in routing order."""
         return [queue.spec(self.allocation.default_timezone) for queue in self.queues]
+
+    @field_validator("sources")
+    @classmethod
+    def _unique_source_names(cls, value: list[SourceSettings]) -> list[SourceSettings]:
+        names = [source.name for source in value]
+        if duplicates := sorted({name for name in names if names.count(name) > 1}):
+            raise ValueError(f"source names must be unique; repeated: {', '.join(duplicates)}")
+        return value
+
+    @property
+    def scheduler_timezone(self) -> str:
+        return self.scheduler.timezone or self.allocation.default_timezone
+
+    def source_specs(self) -> list[SourceSpec]:
+        """The configured stock-data sources."""
+        return [source.spec(self.scheduler_timezone) for source in self.sources]
 
     def work_config(self) -> WorkConfig:
         """How agents' dispositions and rejects recycle leads (allocate.work)."""
@@ -506,7 +692,7 @@ def _scalar_paths(
 
 
 #: Top-level keys only the YAML file can set.
-_FILE_ONLY = frozenset({"queues"})
+_FILE_ONLY = frozenset({"queues", "sources"})
 
 
 def env_name(path: tuple[str, ...]) -> str:

@@ -37,10 +37,12 @@ from leadflow.embedded import EmbeddedServers
 from leadflow.errors import StartupError
 from leadflow.kafka import ensure_topics
 from leadflow.logs import get_logger
+from leadflow.privacy import mask_text
 from leadflow.rules import RulesHolder, watch_rules
 from leadflow.settings import QueueSettings, Settings, masked_url
 from leadflow.web import WebContext, create_app
 from schemas.lead import Classification, CustomerContext, Lead
+from sync.pollers import Poller, PollerConfig, SchedulerConfig, SchedulerService
 from sync.staging import LoaderConfig, StagingLoader
 
 log = get_logger("leadflow.stack")
@@ -204,6 +206,51 @@ def staging_loader(settings: Settings, classifier: Callable[[], Classifier]) -> 
     )
 
 
+def source_pollers(settings: Settings, classifier: Callable[[], Classifier]) -> list[Poller]:
+    """One poller per configured stock-data source, wired from the settings."""
+    assert settings.database.url is not None
+    url = settings.database.url.get_secret_value()
+    timeout = max(1, int(settings.database.connect_timeout.total_seconds()))
+    intake, scheduler = settings.intake, settings.scheduler
+    config = PollerConfig(
+        retry_initial=scheduler.retry_backoff_initial,
+        retry_max=scheduler.retry_backoff_max,
+        max_page_rows=scheduler.max_page_rows,
+    )
+    chain, store = IntakeChain(intake.chain_config()), LeadStore(intake.dedup_window)
+
+    def connect() -> psycopg.Connection:
+        return psycopg.connect(
+            url, autocommit=True, connect_timeout=timeout, application_name="leadflow-poller"
+        )
+
+    return [
+        Poller(spec, config, connect, chain, store, classifier, redact=mask_text)
+        for spec in settings.source_specs()
+    ]
+
+
+def scheduler_service(settings: Settings, classifier: Callable[[], Classifier]) -> SchedulerService:
+    """The scheduler role: every source's job, run by one replica at a time."""
+    assert settings.database.url is not None
+    url = settings.database.url.get_secret_value()
+    timeout = max(1, int(settings.database.connect_timeout.total_seconds()))
+    scheduler = settings.scheduler
+    return SchedulerService(
+        source_pollers(settings, classifier),
+        SchedulerConfig(
+            timezone=ZoneInfo(settings.scheduler_timezone),
+            misfire_grace=scheduler.misfire_grace_time,
+            lock_interval=scheduler.lock_interval,
+            stop_timeout=scheduler.stop_timeout,
+            history_retention=scheduler.history_retention,
+        ),
+        lambda: psycopg.AsyncConnection.connect(
+            url, autocommit=True, connect_timeout=timeout, application_name="leadflow-scheduler"
+        ),
+    )
+
+
 def allocator_service(settings: Settings) -> AllocatorService:
     """The allocator role, wired from the settings."""
     assert settings.database.url is not None
@@ -317,7 +364,7 @@ async def _serve(
     }
     try:
         holder = None
-        if {"web", "intake", "staging"} & set(roles):
+        if {"web", "intake", "staging", "scheduler"} & set(roles):
             # One rule set per process, reloaded for every role in it that classifies.
             holder = RulesHolder.from_settings(settings)
             tasks["rules"] = asyncio.create_task(
@@ -353,6 +400,10 @@ async def _serve(
             assert holder is not None
             loader = staging_loader(settings, rules_classifier(holder))
             tasks["staging"] = asyncio.create_task(loader.run(stop), name="staging")
+        if "scheduler" in roles:
+            assert holder is not None
+            service = scheduler_service(settings, rules_classifier(holder))
+            tasks["scheduler"] = asyncio.create_task(service.run(stop), name="scheduler")
         if "relay" in roles:
             tasks["relay"] = asyncio.create_task(relay_worker(settings).run(stop), name="relay")
         if "allocator" in roles:
@@ -405,7 +456,7 @@ async def _watch_servers(servers: EmbeddedServers, stop: asyncio.Event) -> None:
 
 
 #: The roles `leadflow up` runs in one process, and those `leadflow run ROLE` can run alone.
-UP_ROLES = ("web", "intake", "allocator", "relay", "staging")
+UP_ROLES = ("web", "intake", "allocator", "relay", "staging", "scheduler")
 BUILT_ROLES = frozenset(UP_ROLES)
 
 

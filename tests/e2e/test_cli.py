@@ -175,7 +175,6 @@ def test_help_lists_every_contract_command(tmp_path: Path) -> None:
     "args",
     [
         ["bench", "report"],
-        ["run", "scheduler"],
         ["report", "funnel"],
         ["up", "--demo"],
     ],
