@@ -521,6 +521,7 @@ class Allocator:
                             "customer_phone": phone,
                             "customer_name": name,
                             "customer_timezone": timezone,
+                            "lead_queued_at": lead.queued_at.isoformat(),
                         },
                         ensure_ascii=False,
                     )

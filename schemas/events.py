@@ -125,6 +125,11 @@ class AssignmentEvent(BaseModel):
     customer_phone: str = Field(description="E.164")
     customer_name: str | None = None
     customer_timezone: str | None = None
+    lead_queued_at: AwareDatetime | None = Field(
+        default=None,
+        description="When the lead entered the queue; on attempt 1, assigned_at minus this is "
+        "the speed to lead.",
+    )
 
 
 #: The checked-in JSON Schemas, by file name under schemas/json/.

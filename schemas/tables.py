@@ -525,6 +525,20 @@ class PollerReject(Base):
     created_at: Mapped[datetime] = _now_column()
 
 
+class StreamMinute(Base):
+    """One minute of a stream-analytics figure for one key and source partition (faust tables,
+    flushed by the analytics role); `value` is a count or a histogram of bucket -> count."""
+
+    __tablename__ = "stream_minutes"
+
+    minute: Mapped[datetime] = mapped_column(primary_key=True)
+    metric: Mapped[str] = mapped_column(primary_key=True)
+    key: Mapped[str] = mapped_column(primary_key=True)
+    partition: Mapped[int] = mapped_column(primary_key=True)
+    value: Mapped[Any] = mapped_column(JSONB)
+    updated_at: Mapped[datetime] = _updated_at_column()
+
+
 class ConsumerOffset(Base):
     """Kafka offsets committed in the same transaction as the batch they cover."""
 
