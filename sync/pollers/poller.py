@@ -252,7 +252,10 @@ class Poller:
         progress: Callable[[RunResult], None] | None,
     ) -> None:
         spec = self.spec
-        limit = spec.batch_size
+        # Plain queries read one row of look-ahead: the trailing tie group of a full page is
+        # left for the next read, and with distinct values that is just the extra row.
+        base_limit = spec.batch_size if spec.keyed else spec.batch_size + 1
+        limit = base_limit
         mapper: RowMapper | None = None
         with self.engine().connect() as source:
             while True:
@@ -262,7 +265,7 @@ class Poller:
                 columns, rows = self._fetch(source, result.watermark_to, limit)
                 if mapper is None or tuple(columns) != mapper.columns:
                     mapper = RowMapper(spec.row_spec(), columns)
-                page = self._decide(mapper, rows, limit)
+                page = self._decide(mapper, rows, limit, base_limit)
                 if page.take:
                     self._store(conn, result, mapper, rows[: page.take], page.watermark)
                     if progress is not None:
@@ -289,12 +292,14 @@ class Poller:
             source.rollback()  # one short read transaction per page on the source
         return columns, rows
 
-    def _decide(self, mapper: RowMapper, rows: Sequence[tuple[Any, ...]], limit: int) -> Page:
+    def _decide(
+        self, mapper: RowMapper, rows: Sequence[tuple[Any, ...]], limit: int, base_limit: int
+    ) -> Page:
         if self.spec.keyed:
             pairs = [(mapper.watermark_of(row), mapper.key_of(row)) for row in rows]
             return keyed_page(pairs, limit)
         values = [mapper.watermark_of(row) for row in rows]
-        return plain_page(values, limit, self.spec.batch_size, self.config.max_page_rows)
+        return plain_page(values, limit, base_limit, self.config.max_page_rows)
 
     def _store(
         self,

@@ -12,7 +12,8 @@ watermark value and wherever a page boundary falls among them:
   LIMIT :limit`, as in CONTRACT.md §6. A full page may end inside a group of rows sharing the
   last value, with more of that group beyond the limit; advancing to that value would skip them.
   So a full page is taken only up to its trailing tie group, which the next read (`> ` the value
-  before it) returns again, whole. A full page that is one tie group cannot be split that way:
+  before it) returns again, whole. (The poller reads `batch_size + 1` rows: with distinct
+  values, the one row of look-ahead is the trailing group, and `batch_size` rows are taken.) A full page that is one tie group cannot be split that way:
   it is read again with twice the limit, until the group ends inside the page (so a plain query
   needs memory for its largest tie group, up to `max_rows`; beyond that the run fails and asks
   for the keyed form). A short page is the end of the rows: it is taken whole.
@@ -57,12 +58,13 @@ class Page:
     next_limit: int  # the limit of the next read
 
 
-def plain_page(values: Sequence[Any], limit: int, batch_size: int, max_rows: int) -> Page:
-    """Decide a page of a plain query from its rows' watermark values, in read order."""
+def plain_page(values: Sequence[Any], limit: int, base_limit: int, max_rows: int) -> Page:
+    """Decide a page of a plain query from its rows' watermark values, in read order; `limit`
+    is the limit it was read with, `base_limit` the limit of a page that did not grow."""
     check_plain_order(values)
     n = len(values)
     if n < limit:
-        return Page(n, Watermark(values[-1]) if n else None, True, batch_size)
+        return Page(n, Watermark(values[-1]) if n else None, True, base_limit)
     last = values[-1]
     group = n - 1
     while group > 0 and values[group - 1] == last:
@@ -76,7 +78,7 @@ def plain_page(values: Sequence[Any], limit: int, batch_size: int, max_rows: int
                 ":watermark_key) in its query"
             )
         return Page(0, None, False, min(limit * 2, max_rows))
-    return Page(group, Watermark(values[group - 1]), False, batch_size)
+    return Page(group, Watermark(values[group - 1]), False, base_limit)
 
 
 def keyed_page(pairs: Sequence[tuple[Any, Any]], limit: int) -> Page:

@@ -99,7 +99,7 @@ def test_bad_schedules_say_why(text: str, reason: str) -> None:
 
 
 def test_a_short_page_is_taken_whole_and_ends_the_run() -> None:
-    page = plain_page([1, 2, 2], limit=5, batch_size=5, max_rows=100)
+    page = plain_page([1, 2, 2], limit=5, base_limit=5, max_rows=100)
     assert (page.take, page.watermark, page.done) == (3, Watermark(2), True)
     empty = plain_page([], 5, 5, 100)
     assert (empty.take, empty.watermark, empty.done) == (0, None, True)
