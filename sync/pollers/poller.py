@@ -193,15 +193,15 @@ class Poller:
         wait: bool = False,
         progress: Callable[[RunResult], None] | None = None,
     ) -> RunResult:
-        """Run the source once. `wait`: wait for a run elsewhere to end instead of returning
-        outcome "busy". Never raises for a failed run: the result says what happened."""
+        """Run the source once. `wait`: wait for a run elsewhere to end (or `stop`) instead of
+        returning outcome "busy". Never raises for a failed run: the result says what happened."""
         stop = stop or threading.Event()
         started = time.monotonic()
         result = RunResult(self.spec.name, trigger)
         conn: psycopg.Connection | None = None
         try:
             conn = self.connect()
-            if not lock_source(conn, self.spec.name, wait=wait):
+            if not lock_source(conn, self.spec.name, wait=wait, stop=stop):
                 result.outcome = "busy"
                 return result
             self._begin(conn, result)
@@ -544,16 +544,29 @@ class Poller:
 # --- the source lock, reset, state ------------------------------------------------------------
 
 
-def lock_source(conn: psycopg.Connection, source: str, *, wait: bool) -> bool:
+def lock_source(
+    conn: psycopg.Connection,
+    source: str,
+    *,
+    wait: bool,
+    stop: threading.Event | None = None,
+    poll: float = 0.5,
+) -> bool:
     """Take the source's session lock on `conn` (autocommit); False if another holds it and
-    `wait` is false. Closing the connection releases it."""
-    if wait:
-        conn.execute("SELECT pg_advisory_lock(%s, hashtext(%s))", (LOCK_CLASS, source))
-        return True
-    row = conn.execute(
-        "SELECT pg_try_advisory_lock(%s, hashtext(%s))", (LOCK_CLASS, source)
-    ).fetchone()
-    return bool(row and row[0])
+    `wait` is false, or `stop` is set while waiting. Closing the connection releases it."""
+    while True:
+        row = conn.execute(
+            "SELECT pg_try_advisory_lock(%s, hashtext(%s))", (LOCK_CLASS, source)
+        ).fetchone()
+        if row is not None and row[0]:
+            return True
+        if not wait or (stop is not None and stop.wait(poll)) or (stop is None and _pause(poll)):
+            return False
+
+
+def _pause(seconds: float) -> bool:
+    time.sleep(seconds)
+    return False
 
 
 def reset_watermark(conn: psycopg.Connection, source: str, watermark: Watermark | None) -> None:
