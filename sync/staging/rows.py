@@ -33,6 +33,7 @@ RECOGNISED = (
     "campaign",
 )
 _CUSTOMER_FIELDS = ("phone", "name", "email", "external_id", "region")
+_PLAIN = frozenset((str, int, bool))  # JSON as they are
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,31 +130,36 @@ class RowMapper:
     def event(self, row: Sequence[Any]) -> dict[str, Any]:
         """The LeadEvent-shaped object of one row."""
         index, defaults = self.index, self.defaults
-
-        def get(name: str) -> Any:
-            i = index[name]
-            return None if i is None else row[i]
-
         customer = {}
         for name in _CUSTOMER_FIELDS:
-            value = _text(get(name))
-            if value is not None:
-                customer[name] = value
+            i = index[name]
+            if i is not None and (value := row[i]) is not None:
+                customer[name] = value if type(value) is str else _text(value)
+        i = index["event_type"]
+        event_type = row[i] if i is not None else None
+        i = index["occurred_at"]
         event: dict[str, Any] = {
             "schema_version": 1,
             "event_id": self.id_prefix + row[0][1:-1].replace(",", ":"),
-            "occurred_at": _occurred_at(get("occurred_at"), defaults),
+            "occurred_at": _occurred_at(row[i] if i is not None else None, defaults),
             "source": defaults.source,
-            "event_type": _text(get("event_type")) or defaults.event_type,
+            "event_type": _text(event_type) if event_type else defaults.event_type,
             "customer": customer,
-            "attributes": {name: jsonable(row[i]) for i, name in self.extra if row[i] is not None},
+            "attributes": {
+                name: value if type(value) in _PLAIN else jsonable(value)
+                for i, name in self.extra
+                if (value := row[i]) is not None
+            },
         }
-        product = _text(get("product"))
-        if product is not None:
-            event["product"] = product
-        campaign = _text(get("campaign")) or defaults.campaign
-        if campaign is not None:
-            event["campaign"] = campaign
+        i = index["product"]
+        if i is not None and (product := row[i]) is not None:
+            event["product"] = _text(product)
+        i = index["campaign"]
+        campaign = row[i] if i is not None else None
+        if campaign:
+            event["campaign"] = _text(campaign)
+        elif defaults.campaign is not None:
+            event["campaign"] = defaults.campaign
         return event
 
     def row_json(self, row: Sequence[Any]) -> dict[str, Any]:
