@@ -1550,6 +1550,16 @@ def bench(
         int | None,
         typer.Option("--seconds", min=1, help="How long to produce (latency; default 30)."),
     ] = None,
+    rows: Annotated[
+        int | None,
+        typer.Option("--rows", min=1, help="Rows in the extract (staging; default 1000000)."),
+    ] = None,
+    chunk_rows: Annotated[
+        int | None,
+        typer.Option(
+            "--chunk-rows", min=100, help="Rows per chunk (staging; default staging.chunk_rows)."
+        ),
+    ] = None,
     json_path: Annotated[
         Path | None,
         typer.Option("--json", help="Also write the report as JSON to this file.", dir_okay=False),
@@ -1597,6 +1607,17 @@ def bench(
             console=console,
         )
         latency.show(console, report)
+        return
+    if scenario == "staging":
+        from bench import staging
+
+        report = staging.run(
+            rows or staging.DEFAULT_ROWS,
+            json_path=json_path,
+            console=console,
+            chunk_rows=chunk_rows,
+        )
+        staging.show(console, report)
         return
     _not_yet(f"bench {scenario}", "the issue that builds what it measures")
 
