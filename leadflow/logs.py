@@ -10,7 +10,14 @@ import structlog
 from leadflow.privacy import mask_log_event
 
 #: Chatty client libraries: their connection retries are reported by our own checks.
-_QUIET = {"aiokafka": logging.CRITICAL, "kafka": logging.CRITICAL, "alembic": logging.WARNING}
+_QUIET = {
+    "aiokafka": logging.CRITICAL,
+    "kafka": logging.CRITICAL,
+    "alembic": logging.WARNING,
+    # faust-streaming and its service framework narrate every start, rebalance and stop.
+    "faust": logging.WARNING,
+    "mode": logging.WARNING,
+}
 
 
 def configure(level: str = "INFO", fmt: str = "console") -> None:

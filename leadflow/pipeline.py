@@ -4,8 +4,9 @@ status` show.
 Every figure here is read from the system of record, so it is exact and the same whichever
 replica answers: intake per channel per minute, classification mix, queues, agents, SLA, speed to
 lead, pollers and staging extracts. Rejections of real-time events never reach the database (they
-go to `leads.dlq`); those appear here as the rejects of the channels that record them (staging,
-pollers) — the DLQ rate by code is the stream analytics' figure.
+go to `leads.dlq`): the `stream` section carries the stream analytics' per-minute figures (DLQ by
+code, raw events by channel and source, assignments by segment, speed to lead per queue), read
+from what the analytics role flushed to `stream_minutes`.
 
 `snapshot(engine)` takes one consistent read (a REPEATABLE READ transaction), so the sections
 agree with each other.
@@ -19,6 +20,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
+from leadflow.analytics import merge_histograms, percentile
 from schemas.vocab import AGENT_STATUSES, INTAKES
 
 #: The window of the per-minute intake series and the "last hour" figures.
@@ -89,6 +91,9 @@ FROM staging.extracts
 WHERE state IN ('pending', 'loading') OR submitted_at >= :recent
 ORDER BY id DESC LIMIT 20
 """)
+_STREAM = sa.text("""
+SELECT minute, metric, key, value FROM stream_minutes WHERE minute >= :since
+""")
 _REJECTS = sa.text("""
 SELECT 'staging' AS intake, code, count(*) FROM staging.extract_rejects
 WHERE created_at >= :since GROUP BY code
@@ -119,6 +124,40 @@ def _intake(conn: Connection, now: datetime) -> dict[str, Any]:
         "minutes": [_iso(m) for m in minutes],
         "events_per_minute": series,
         "events_in_window": {k: sum(v) for k, v in series.items()},
+    }
+
+
+def _stream(conn: Connection, now: datetime) -> dict[str, Any]:
+    """The stream analytics' figures (summed over partitions), empty when it is not running."""
+    start = (now - timedelta(minutes=WINDOW_MINUTES - 1)).replace(second=0, microsecond=0)
+    raw: dict[str, list[int]] = {}
+    totals: dict[str, dict[str, int]] = {"dlq_code": {}, "assigned_segment": {}, "raw_source": {}}
+    speed: dict[str, list[dict[str, int]]] = {}
+    latest: datetime | None = None
+    for minute, metric, key, value in conn.execute(_STREAM, {"since": start}):
+        latest = max(latest, minute) if latest else minute
+        if metric == "raw_channel":
+            slot = int((minute - start).total_seconds() // 60)
+            if 0 <= slot < WINDOW_MINUTES:
+                raw.setdefault(key, [0] * WINDOW_MINUTES)[slot] += int(value)
+        elif metric == "speed_queue":
+            speed.setdefault(key, []).append(value)
+        elif metric in totals:
+            totals[metric][key] = totals[metric].get(key, 0) + int(value)
+    queues = {}
+    for queue, histograms in speed.items():
+        merged = merge_histograms(histograms)
+        queues[queue] = {
+            "first_assignments": sum(merged.values()),
+            **{f"p{int(q * 100)}_seconds": percentile(merged, q) for q in (0.5, 0.9, 0.99)},
+        }
+    return {
+        "latest_minute": _iso(latest),
+        "raw_per_minute_by_channel": raw,
+        "raw_by_source": totals["raw_source"],
+        "dlq_by_code": totals["dlq_code"],
+        "assigned_by_segment": totals["assigned_segment"],
+        "speed_to_lead_by_queue": queues,
     }
 
 
@@ -155,6 +194,7 @@ def snapshot(engine: Engine) -> dict[str, Any]:
                 "at": _iso(now),
                 "window_minutes": WINDOW_MINUTES,
                 "intake": {**_intake(conn, now), "rejects_in_window": rejects},
+                "stream": _stream(conn, now),
                 "leads_by_state": leads,
                 "classification": [
                     {"business_line": line, "segment": segment, "leads": int(n)}

@@ -378,6 +378,24 @@ class AllocationSettings(_Section):
         return _known_timezone(value)
 
 
+class AnalyticsSettings(_Section):
+    app_id: str = Field(
+        default="leadflow-analytics",
+        min_length=1,
+        description="The faust app id: its consumer group and the prefix of its changelog topics.",
+    )
+    flush_interval: Duration = Field(
+        default=timedelta(seconds=5),
+        gt=timedelta(0),
+        description="How often the windows are written to PostgreSQL for the ops views.",
+    )
+    retention: Duration = Field(
+        default=timedelta(hours=2),
+        ge=timedelta(minutes=5),
+        description="How long per-minute figures are kept (faust windows and stream_minutes).",
+    )
+
+
 class RelaySettings(_Section):
     batch_size: int = Field(default=500, ge=1, le=50_000)
     poll_interval: Duration = Field(
@@ -623,6 +641,7 @@ class Settings(BaseSettings):
     classification: ClassificationSettings = Field(default_factory=ClassificationSettings)
     allocation: AllocationSettings = Field(default_factory=AllocationSettings)
     relay: RelaySettings = Field(default_factory=RelaySettings)
+    analytics: AnalyticsSettings = Field(default_factory=AnalyticsSettings)
     staging: StagingSettings = Field(default_factory=StagingSettings)
     scheduler: SchedulerSettings = Field(default_factory=SchedulerSettings)
     queues: list[QueueSettings] = Field(default_factory=list)

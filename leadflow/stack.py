@@ -32,6 +32,7 @@ from classify import classify
 from ingest.chain import IntakeChain
 from ingest.consumer import IntakeConfig, KafkaIntake
 from ingest.store import Classifier, LeadStore
+from leadflow.analytics import analytics_worker
 from leadflow.db import make_engine, upgrade
 from leadflow.embedded import EmbeddedServers
 from leadflow.errors import StartupError
@@ -410,6 +411,10 @@ async def _serve(
             tasks["allocator"] = asyncio.create_task(
                 allocator_service(settings).run(stop), name="allocator"
             )
+        if "analytics" in roles:
+            tasks["analytics"] = asyncio.create_task(
+                analytics_worker(settings).run(stop), name="analytics"
+            )
         if servers is not None:
             tasks["watch"] = asyncio.create_task(
                 _watch_servers(servers, stop), name="watch-servers"
@@ -456,7 +461,7 @@ async def _watch_servers(servers: EmbeddedServers, stop: asyncio.Event) -> None:
 
 
 #: The roles `leadflow up` runs in one process, and those `leadflow run ROLE` can run alone.
-UP_ROLES = ("web", "intake", "allocator", "relay", "staging", "scheduler")
+UP_ROLES = ("web", "intake", "allocator", "relay", "staging", "scheduler", "analytics")
 BUILT_ROLES = frozenset(UP_ROLES)
 
 

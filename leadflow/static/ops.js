@@ -91,7 +91,7 @@ function render(p) {
     { label: "capacity", data: statuses.map((k) => p.agents[k].capacity) },
   ]);
 
-  const rejects = [];
+  const rejects = Object.entries(p.stream.dlq_by_code).map(([code, count]) => [`DLQ: ${code}`, count]);
   for (const [intake, codes] of Object.entries(p.intake.rejects_in_window)) {
     for (const [code, count] of Object.entries(codes)) rejects.push([`${intake}: ${code}`, count]);
   }
