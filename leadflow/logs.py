@@ -17,6 +17,8 @@ _QUIET = {
     # faust-streaming and its service framework narrate every start, rebalance and stop.
     "faust": logging.WARNING,
     "mode": logging.WARNING,
+    # APScheduler logs every job's start and end; the pollers log their runs themselves.
+    "apscheduler": logging.WARNING,
 }
 
 
