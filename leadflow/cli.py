@@ -11,13 +11,14 @@ import asyncio
 import contextlib
 import json
 import sys
+import time
 import warnings
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
-from rich.console import Console
+from rich.console import Console, Group
 from rich.markup import escape
 from rich.table import Table
 
@@ -212,18 +213,15 @@ def db_upgrade(
 
 
 @app.command()
-def status(ctx: typer.Context) -> None:
-    """A terminal view of the pipeline: servers, schema, topics, leads per state."""
+def status(
+    ctx: typer.Context,
+    watch: Annotated[
+        bool, typer.Option("--watch", "-w", help="Refresh every two seconds until Ctrl-C.")
+    ] = False,
+) -> None:
+    """A terminal view of the pipeline: servers, topics, intake, queues, agents, SLA, speed to
+    lead, pollers and staging extracts (the figures of /ops)."""
     settings = _settings(ctx)
-    from leadflow.db import (
-        agent_counts,
-        check_database,
-        lead_counts,
-        make_engine,
-        queue_stats,
-        schema_version,
-    )
-    from leadflow.kafka import describe_topics
     from leadflow.stack import resolve_endpoints
 
     endpoints = resolve_endpoints(settings)
@@ -233,14 +231,37 @@ def status(ctx: typer.Context) -> None:
             f"is running from this directory (no live {settings.embedded.data_dir}/runtime.json). "
             "Start `leadflow up`, or configure the servers to inspect."
         )
+    if not watch:
+        view, healthy = _status_view(settings, endpoints)
+        console.print(view)
+        if not healthy:
+            raise typer.Exit(1)
+        return
+    from rich.live import Live
+
+    with Live(console=console, auto_refresh=False, screen=False) as live:
+        try:
+            while True:
+                view, _ = _status_view(settings, endpoints)
+                live.update(view, refresh=True)
+                time.sleep(2)
+        except KeyboardInterrupt:
+            pass
+
+
+def _status_view(settings: Settings, endpoints: Any) -> tuple[Group, bool]:
+    """What `leadflow status` shows, and whether everything is healthy."""
+    from leadflow.db import check_database, make_engine, schema_version
+    from leadflow.kafka import describe_topics
+    from leadflow.pipeline import snapshot
+
+    parts: list[Any] = []
     healthy = True
     servers = Table(title="servers", title_justify="left")
     servers.add_column("server")
     servers.add_column("address", overflow="fold")
     servers.add_column("state", overflow="fold")
-    counts: dict[str, int] | None = None
-    queues: list[dict[str, Any]] = []
-    agents: dict[str, int] = {}
+    picture: dict[str, Any] | None = None
     schema_row = ("schema", "-", "[dim]unknown[/]")
     if endpoints.database_url:
         engine = make_engine(endpoints.database_url, connect_timeout=3)
@@ -259,10 +280,8 @@ def status(ctx: typer.Context) -> None:
                 if in_step
                 else f"[red]behind head {head}: run leadflow db upgrade[/]",
             )
-            if current:
-                counts = lead_counts(engine)
-                queues = queue_stats(engine)
-                agents = agent_counts(engine)
+            if in_step:
+                picture = snapshot(engine)
         except ServiceUnavailable as exc:
             healthy = False
             servers.add_row(
@@ -296,22 +315,53 @@ def status(ctx: typer.Context) -> None:
         servers.add_row("Kafka", "-", "[red]not configured[/]")
     if endpoints.web_url:
         servers.add_row("web", endpoints.web_url, "[green]up[/] (from the running leadflow up)")
-
-    console.print(servers)
+    parts.append(servers)
     if topics_table is not None:
-        console.print(topics_table)
-    if counts is not None:
-        leads = Table(title="leads by state", title_justify="left")
-        leads.add_column("state")
-        leads.add_column("leads", justify="right")
-        for state, count in counts.items():
-            leads.add_row(state, f"{count:,}")
-        console.print(leads)
-    if queues:
+        parts.append(topics_table)
+    if picture is not None:
+        parts += _pipeline_tables(picture)
+    return Group(*parts), healthy
+
+
+def _pipeline_tables(p: dict[str, Any]) -> list[Any]:
+    """The headline figures of /ops as terminal tables."""
+    window = p["window_minutes"]
+    parts: list[Any] = []
+    intake = Table(title=f"intake, last {window} min", title_justify="left")
+    intake.add_column("channel")
+    intake.add_column("events", justify="right")
+    intake.add_column("last minute", justify="right")
+    for channel, count in p["intake"]["events_in_window"].items():
+        intake.add_row(channel, f"{count:,}", f"{p['intake']['events_per_minute'][channel][-1]:,}")
+    parts.append(intake)
+    rejects = {f"DLQ {code}": count for code, count in p["stream"]["dlq_by_code"].items()} | {
+        f"{channel} {code}": count
+        for channel, codes in p["intake"]["rejects_in_window"].items()
+        for code, count in codes.items()
+    }
+    if rejects:
+        parts.append(
+            "rejects: " + ", ".join(f"{count:,} {what}" for what, count in rejects.items())
+        )
+    leads = Table(title="leads by state", title_justify="left")
+    leads.add_column("state")
+    leads.add_column("leads", justify="right")
+    for state, count in p["leads_by_state"].items():
+        leads.add_row(state, f"{count:,}")
+    parts.append(leads)
+    if p["classification"]:
+        mix = Table(title=f"classification, last {window} min", title_justify="left")
+        mix.add_column("business line")
+        mix.add_column("segment")
+        mix.add_column("leads", justify="right")
+        for row in p["classification"][:10]:
+            mix.add_row(row["business_line"], row["segment"], f"{row['leads']:,}")
+        parts.append(mix)
+    if p["queues"]:
         table = Table(title="queues", title_justify="left")
         for column in ("queue", "waiting", "due now", "oldest due", "open", "SLA breached"):
             table.add_column(column, justify="left" if column == "queue" else "right")
-        for q in queues:
+        for q in p["queues"]:
             oldest = q["oldest_seconds"]
             table.add_row(
                 q["queue"],
@@ -321,13 +371,55 @@ def status(ctx: typer.Context) -> None:
                 f"{q['open']:,}",
                 f"[red]{q['sla_breached']:,}[/]" if q["sla_breached"] else "0",
             )
-        console.print(table)
-    if agents:
-        console.print(
-            "agents: " + ", ".join(f"{count} {status}" for status, count in agents.items())
-        )
-    if not healthy:
-        raise typer.Exit(1)
+        parts.append(table)
+    agents = ", ".join(
+        f"{a['agents']} {status} ({a['open']}/{a['capacity']} open)"
+        for status, a in p["agents"].items()
+    )
+    parts.append(f"agents: {agents}")
+    speed = p["speed_to_lead"]
+
+    def secs(value: float | None) -> str:
+        return "-" if value is None else _age(value) if value >= 1 else f"{value * 1000:.0f}ms"
+
+    parts.append(
+        f"SLA: {p['sla']['open_breached']} open past deadline, {p['sla']['expired_in_window']} "
+        f"expired in {window} min · speed to lead (first assignment) p50 "
+        f"{secs(speed['assign_p50_seconds'])}, p90 {secs(speed['assign_p90_seconds'])}, "
+        f"p99 {secs(speed['assign_p99_seconds'])} over {speed['first_assignments']:,} · first "
+        f"contact p50 {secs(speed['contact_p50_seconds'])}"
+    )
+    if p["pollers"]:
+        pollers = Table(title="stock-data pollers", title_justify="left")
+        for column in ("source", "last run", "outcome", "rows", "failures", "error"):
+            pollers.add_column(column, overflow="fold")
+        for x in p["pollers"]:
+            pollers.add_row(
+                x["source"],
+                x["last_run_at"] or "-",
+                x["last_outcome"] or "never run",
+                f"{x['last_rows']:,}",
+                str(x["consecutive_failures"]),
+                escape(x["last_error"] or ""),
+            )
+        parts.append(pollers)
+    if p["extracts"]:
+        extracts = Table(title="staging extracts", title_justify="left")
+        for column in ("#", "table", "state", "done / total", "loaded", "merged", "rejected"):
+            extracts.add_column(column, overflow="fold")
+        for e in p["extracts"]:
+            done = e["rows_loaded"] + e["rows_merged"] + e["rows_rejected"]
+            extracts.add_row(
+                str(e["id"]),
+                escape(e["table_name"]),
+                e["state"],
+                f"{done:,} / {e['rows_total']:,}",
+                f"{e['rows_loaded']:,}",
+                f"{e['rows_merged']:,}",
+                f"{e['rows_rejected']:,}",
+            )
+        parts.append(extracts)
+    return parts
 
 
 def _age(seconds: float) -> str:

@@ -156,6 +156,21 @@ def test_db_upgrade_then_status_against_configured_servers(
     assert "missing" in status.stdout
     assert "queues" in status.stdout  # one lead waiting, not yet routed: queue "-"
     assert "1 available" in status.stdout
+    for headline in ("intake, last 30 min", "leads by state", "SLA:", "speed to lead"):
+        assert headline in status.stdout
+
+    # --watch redraws until Ctrl-C, then ends cleanly.
+    env = clean_env(LEADFLOW_DATABASE_URL=empty_db_url, LEADFLOW_KAFKA_BOOTSTRAP=kafka_bootstrap)
+    watching = subprocess.Popen(
+        [*LEADFLOW, "status", "--watch"],
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    time.sleep(6)
+    watching.send_signal(signal.SIGINT)
+    out, errors = watching.communicate(timeout=30)
+    assert watching.returncode == 0, errors
+    assert "1 available" in out
+    assert "Traceback" not in errors
 
 
 def test_status_with_nothing_running_says_what_to_do(tmp_path: Path) -> None:
