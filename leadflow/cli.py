@@ -138,6 +138,8 @@ def _announce(runtime: dict[str, Any]) -> None:
         "embedded (Tansu)" if runtime["embedded_kafka"] else "configured",
     )
     table.add_row("roles", ", ".join(runtime["roles"]), "")
+    if runtime.get("metrics_url"):
+        table.add_row("metrics, probes", runtime["metrics_url"], "/healthz, /readyz beside it")
     web = runtime["web_url"]
     if web:
         for path, what in [
@@ -1604,7 +1606,7 @@ def report_funnel() -> None:
     _not_yet("report funnel", "the reports")
 
 
-BENCH_SCENARIOS = ("intake", "classify", "staging", "allocate", "latency", "report")
+BENCH_SCENARIOS = ("intake", "classify", "staging", "pollers", "allocate", "latency", "report")
 
 
 @app.command()
@@ -1631,7 +1633,10 @@ def bench(
     batch_size: Annotated[
         int | None,
         typer.Option(
-            "--batch-size", min=1, help="Leads per allocation decision (allocate; default 1000)."
+            "--batch-size",
+            min=1,
+            help="Leads per allocation decision (allocate; default 1000); rows per page "
+            "(pollers; default 5000).",
         ),
     ] = None,
     rate: Annotated[
@@ -1644,7 +1649,11 @@ def bench(
     ] = None,
     rows: Annotated[
         int | None,
-        typer.Option("--rows", min=1, help="Rows in the extract (staging; default 1000000)."),
+        typer.Option(
+            "--rows",
+            min=1,
+            help="Rows in the extract (staging) or the source table (pollers); default 1000000.",
+        ),
     ] = None,
     chunk_rows: Annotated[
         int | None,
@@ -1710,6 +1719,17 @@ def bench(
             chunk_rows=chunk_rows,
         )
         staging.show(console, report)
+        return
+    if scenario == "pollers":
+        from bench import pollers
+
+        report = pollers.run(
+            rows or pollers.DEFAULT_ROWS,
+            json_path=json_path,
+            console=console,
+            batch_size=batch_size,
+        )
+        pollers.show(console, report)
         return
     _not_yet(f"bench {scenario}", "the issue that builds what it measures")
 

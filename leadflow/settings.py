@@ -212,6 +212,13 @@ class IntakeSettings(_Section):
 class WebSettings(_Section):
     host: str = "127.0.0.1"
     port: int = Field(default=8080, ge=0, le=65535, description="0 picks a free port.")
+    metrics_port: int | None = Field(
+        default=None,
+        ge=0,
+        le=65535,
+        description="Where a process without the web role (`leadflow run intake`, ...) serves "
+        "/metrics, /healthz and /readyz; unset serves none, 0 picks a free port.",
+    )
 
 
 class EmbeddedSettings(_Section):

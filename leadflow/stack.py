@@ -41,7 +41,7 @@ from leadflow.logs import get_logger
 from leadflow.privacy import mask_text
 from leadflow.rules import RulesHolder, watch_rules
 from leadflow.settings import QueueSettings, Settings, masked_url
-from leadflow.web import WebContext, create_app
+from leadflow.web import WebContext, create_app, create_probe_app
 from schemas.lead import Classification, CustomerContext, Lead
 from sync.pollers import Poller, PollerConfig, SchedulerConfig, SchedulerService
 from sync.staging import LoaderConfig, StagingLoader
@@ -335,6 +335,7 @@ async def _serve(
     servers: EmbeddedServers | None = None,
     runtime_path: Path | None = None,
     web_socket: socket.socket | None = None,
+    probe_socket: socket.socket | None = None,
 ) -> None:
     """Run the roles until SIGINT/SIGTERM, until an embedded server dies, or until a role fails
     (then re-raise: a supervisor should restart a worker whose role broke).
@@ -353,6 +354,7 @@ async def _serve(
     tasks: dict[str, asyncio.Task[Any]] = {}
     engine = None
     web: _Server | None = None
+    probe: _Server | None = None
     runtime: dict[str, Any] = {
         "pid": os.getpid(),
         "started_at": datetime.now(UTC).isoformat(),
@@ -393,6 +395,24 @@ async def _serve(
             while not web.started and not tasks["web"].done():  # noqa: ASYNC110 - uvicorn has no event
                 await asyncio.sleep(0.05)
             runtime["web_url"] = f"http://{settings.web.host}:{port}"
+        if probe_socket is not None:
+            # A role without the web app still answers probes and scrapes.
+            engine = make_engine(settings.database.url.get_secret_value(), pool_size=1)
+            port = int(probe_socket.getsockname()[1])
+            probe = _Server(
+                uvicorn.Config(
+                    create_probe_app(WebContext(settings, engine), role=",".join(roles)),
+                    host=settings.web.host,
+                    port=port,
+                    log_config=None,
+                    access_log=False,
+                    lifespan="on",
+                )
+            )
+            tasks["probe"] = asyncio.create_task(probe.serve(sockets=[probe_socket]), name="probe")
+            while not probe.started and not tasks["probe"].done():  # noqa: ASYNC110 - no event
+                await asyncio.sleep(0.05)
+            runtime["metrics_url"] = f"http://{settings.web.host}:{port}/metrics"
         if "intake" in roles:
             assert holder is not None
             worker = intake_worker(settings, rules_classifier(holder))
@@ -435,8 +455,9 @@ async def _serve(
     finally:
         log.info("stopping")
         stop.set()
-        if web is not None:
-            web.should_exit = True
+        for server in (web, probe):
+            if server is not None:
+                server.should_exit = True
         results = await asyncio.gather(*tasks.values(), return_exceptions=True)
         if engine is not None:
             engine.dispose()
@@ -515,4 +536,12 @@ def serve_role(settings: Settings, endpoints: Endpoints, role: str, announce: An
             if role == "web"
             else None
         )
-        asyncio.run(_serve(live, [role], announce, web_socket=web_socket))
+        port = settings.web.metrics_port
+        probe_socket = (
+            stack.enter_context(bind_web(settings.web.host, port))
+            if role != "web" and port is not None
+            else None
+        )
+        asyncio.run(
+            _serve(live, [role], announce, web_socket=web_socket, probe_socket=probe_socket)
+        )

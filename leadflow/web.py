@@ -75,13 +75,36 @@ _PAGE_HEADERS = {
 }
 
 
-def create_app(context: WebContext) -> FastAPI:
+def create_probe_app(context: WebContext, *, role: str = "web") -> FastAPI:
+    """Liveness, readiness and Prometheus metrics: what every role serves (the web role adds
+    the API and pages; others serve this alone on `web.metrics_port`)."""
     app = FastAPI(
-        title="leadflow",
+        title="leadflow" if role == "web" else f"leadflow {role}",
         version=__version__,
         description="Lead ingestion and distribution for telesales call centers.",
     )
     app.mount("/metrics", make_asgi_app())
+
+    @app.get("/healthz", tags=["health"], summary="Liveness: the process serves requests")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz", tags=["health"], summary="Readiness: PostgreSQL and Kafka answer")
+    async def readyz() -> JSONResponse:
+        database, kafka = await asyncio.gather(
+            _guarded("PostgreSQL", asyncio.to_thread(_database_check, context.engine)),
+            _guarded("Kafka", _kafka_check(context.settings)),
+        )
+        ready = database["ok"] and kafka["ok"]
+        body = {"status": "ready" if ready else "not ready", "postgres": database, "kafka": kafka}
+        return JSONResponse(body, status_code=200 if ready else 503)
+
+    return app
+
+
+def create_app(context: WebContext) -> FastAPI:
+    """The web role's app: probes and metrics, the API, the agent workbench and ops pages."""
+    app = create_probe_app(context)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 
     @app.get("/agent", tags=["pages"], summary="The agent workbench", include_in_schema=False)
@@ -104,19 +127,4 @@ def create_app(context: WebContext) -> FastAPI:
             work=settings.work_config(),
         ),
     )
-
-    @app.get("/healthz", tags=["health"], summary="Liveness: the process serves requests")
-    async def healthz() -> dict[str, str]:
-        return {"status": "ok"}
-
-    @app.get("/readyz", tags=["health"], summary="Readiness: PostgreSQL and Kafka answer")
-    async def readyz() -> JSONResponse:
-        database, kafka = await asyncio.gather(
-            _guarded("PostgreSQL", asyncio.to_thread(_database_check, context.engine)),
-            _guarded("Kafka", _kafka_check(context.settings)),
-        )
-        ready = database["ok"] and kafka["ok"]
-        body = {"status": "ready" if ready else "not ready", "postgres": database, "kafka": kafka}
-        return JSONResponse(body, status_code=200 if ready else 503)
-
     return app
