@@ -8,15 +8,16 @@ configured topics present; otherwise 503 with what is missing, never a stack tra
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request, Response
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
-from prometheus_client import make_asgi_app
+from prometheus_client import Counter, Histogram, make_asgi_app
 from sqlalchemy.engine import Engine
 
 from ingest.chain import IntakeChain
@@ -102,9 +103,39 @@ def create_probe_app(context: WebContext, *, role: str = "web") -> FastAPI:
     return app
 
 
+_REQUESTS = Counter(
+    "leadflow_http_requests_total",
+    "HTTP requests by method, route (its template, not the path) and status.",
+    ["method", "route", "status"],
+)
+_REQUEST_SECONDS = Histogram(
+    "leadflow_http_request_seconds",
+    "Time to answer an HTTP request, by route.",
+    ["route"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+)
+
+
 def create_app(context: WebContext) -> FastAPI:
     """The web role's app: probes and metrics, the API, the agent workbench and ops pages."""
     app = create_probe_app(context)
+
+    @app.middleware("http")
+    async def measure(request: Request, call_next: Any) -> Response:
+        started = time.perf_counter()
+        status = 500
+        try:
+            response: Response = await call_next(request)
+            status = response.status_code
+            return response
+        finally:
+            route = request.scope.get("route")
+            template = getattr(route, "path", None) or (
+                "/static" if request.url.path.startswith("/static/") else "unmatched"
+            )
+            _REQUESTS.labels(request.method, template, str(status)).inc()
+            _REQUEST_SECONDS.labels(template).observe(time.perf_counter() - started)
+
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 
     @app.get("/agent", tags=["pages"], summary="The agent workbench", include_in_schema=False)

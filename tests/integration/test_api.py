@@ -189,6 +189,15 @@ async def test_a_revoked_token_is_refused(api: Api) -> None:
     assert_error(await api.client.get("/api/v1/me", headers=api.auth("a-2")), 401, "unauthorized")
 
 
+async def test_requests_are_counted_by_route_template(api: Api) -> None:
+    await api.client.get(f"/api/v1/assignments/{uuid.uuid4()}", headers=api.auth("a-1"))
+    metrics = (await api.client.get("/metrics/")).text
+    assert (
+        'leadflow_http_requests_total{method="GET",route="/api/v1/assignments/{assignment_id}",'
+        'status="404"}' in metrics
+    )
+
+
 async def test_using_a_token_stamps_it(api: Api) -> None:
     await api.client.get("/api/v1/me", headers=api.auth("a-1"))
     with psycopg.connect(api.db_url) as conn:
