@@ -21,6 +21,7 @@ slow query never holds the event loop.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
 from collections.abc import Callable, Iterator, Sequence
@@ -46,6 +47,8 @@ from ingest import metrics as intake_metrics
 from ingest.chain import Accepted, IntakeChain, Record, Rejected
 from ingest.store import Classifier, LeadStore
 from leadflow.db import queue_stats
+from leadflow.errors import ServiceUnavailable
+from leadflow.kafka import end_offsets
 from leadflow.logs import get_logger
 from leadflow.pipeline import snapshot
 from leadflow.privacy import mask_phone
@@ -578,8 +581,36 @@ def queues(principal: Watchers, context: Context) -> list[QueueView]:
     "mix, queues, agents, SLA, speed to lead, pollers, staging extracts",
     responses=_errors(),
 )
-def pipeline(principal: Watchers, context: Context) -> dict[str, Any]:
-    return snapshot(context.engine)
+async def pipeline(principal: Watchers, context: Context) -> dict[str, Any]:
+    picture = await run_in_threadpool(snapshot, context.engine)
+    picture["intake"]["consumer_lag"] = await _consumer_lag(context)
+    return picture
+
+
+_COMMITTED = sa.text("""
+SELECT partition, next_offset FROM consumer_offsets WHERE consumer_group = :group AND topic = :topic
+""")
+
+
+async def _consumer_lag(context: ApiContext) -> dict[str, Any]:
+    """Records on the raw topic the intake group has not stored yet, per partition; the
+    committed side is the offsets stored with the batches in PostgreSQL."""
+    settings = context.settings
+    topic, group = settings.topics.raw, settings.intake.consumer_group
+    try:
+        ends = await asyncio.wait_for(end_offsets(settings.kafka, topic), 5)
+    except (ServiceUnavailable, TimeoutError) as exc:
+        return {"total": None, "partitions": {}, "error": str(exc) or "the broker did not answer"}
+
+    def committed() -> dict[int, int]:
+        with context.engine.connect() as conn:
+            rows = conn.execute(_COMMITTED, {"group": group, "topic": topic})
+            return {int(p): int(o) for p, o in rows}
+
+    done = await run_in_threadpool(committed)
+    # The embedded broker may report an end offset short of its last batch: never below zero.
+    lag = {str(p): max(end - done.get(p, 0), 0) for p, end in sorted(ends.items())}
+    return {"total": sum(lag.values()), "partitions": lag, "error": None}
 
 
 @router.post(

@@ -87,3 +87,19 @@ async def describe_topics(
         raise _unreachable(settings, exc) from None
     finally:
         await client.close()
+
+
+async def end_offsets(settings: KafkaSettings, topic: str) -> dict[int, int]:
+    """The next offset to be written, per partition of `topic` (empty for a missing topic)."""
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    consumer = AIOKafkaConsumer(**settings.client_options(), enable_auto_commit=False)
+    try:
+        await asyncio.wait_for(consumer.start(), settings.request_timeout.total_seconds())
+        partitions = consumer.partitions_for_topic(topic) or set()
+        ends = await consumer.end_offsets([TopicPartition(topic, p) for p in sorted(partitions)])
+        return {tp.partition: offset for tp, offset in ends.items()}
+    except (KafkaError, OSError, TimeoutError) as exc:
+        raise _unreachable(settings, exc) from None
+    finally:
+        await consumer.stop()

@@ -73,6 +73,9 @@ function render(p) {
   $("f-speed").textContent = `${age(s.assign_p50_seconds)} / ${age(s.assign_p90_seconds)}`;
   $("f-contact").textContent = age(s.contact_p50_seconds);
   $("f-agents").textContent = String(p.agents.available.agents);
+  const lag = p.intake.consumer_lag;
+  $("f-lag").textContent = lag.total === null ? "unknown" : String(lag.total);
+  $("f-lag").title = lag.error || "";
 
   const labels = p.intake.minutes.map((m) => new Date(m).toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" }));
   draw("c-intake", "bar", labels,

@@ -332,6 +332,9 @@ async def test_the_pipeline_agrees_with_what_happened(api: Api) -> None:
     assert body["sla"] == {"open_breached": 0, "expired_in_window": 0}
     assert body["pollers"] == []
     assert body["extracts"] == []
+    lag = body["intake"]["consumer_lag"]  # this app's broker address answers nothing
+    assert lag["total"] is None
+    assert "Cannot reach the Kafka broker" in lag["error"]
 
 
 # --- malformed requests ----------------------------------------------------------------------

@@ -6,6 +6,7 @@ import uuid
 from collections.abc import AsyncIterator
 
 import httpx
+import psycopg
 import pytest
 from pydantic import SecretStr
 
@@ -93,3 +94,43 @@ async def test_not_ready_without_the_servers_and_no_leak_of_internals(db_url: st
         assert "Cannot reach PostgreSQL" in body["postgres"]["error"]
         assert "Cannot reach the Kafka broker" in body["kafka"]["error"]
         assert "Traceback" not in response.text
+
+
+async def test_the_pipeline_reports_the_intake_consumer_lag(
+    db_url: str, kafka_bootstrap: str
+) -> None:
+    from aiokafka import AIOKafkaProducer
+
+    from allocate.roster import issue_token
+
+    settings = settings_for(db_url, kafka_bootstrap)
+    await ensure_topics(settings.kafka, settings.topics)
+    producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap)
+    await producer.start()
+    try:
+        for _ in range(10):
+            await producer.send_and_wait(settings.topics.raw, b"{}", partition=0)
+    finally:
+        await producer.stop()
+    engine = make_engine(db_url)
+    with engine.connect() as conn:
+        token = issue_token(conn, None, role="ops")
+    engine.dispose()
+    async for client in client_for(settings, db_url):
+        headers = {"Authorization": f"Bearer {token}"}
+        lag = (await client.get("/api/v1/pipeline", headers=headers)).json()["intake"][
+            "consumer_lag"
+        ]
+        # The embedded broker reports the end as the start of the last batch (one record here).
+        assert 9 <= lag["total"] <= 10, lag
+        assert lag["error"] is None
+        with psycopg.connect(db_url, autocommit=True) as conn:
+            conn.execute(
+                "INSERT INTO consumer_offsets (consumer_group, topic, partition, next_offset)"
+                " VALUES (%s, %s, 0, 4)",
+                (settings.intake.consumer_group, settings.topics.raw),
+            )
+        lag = (await client.get("/api/v1/pipeline", headers=headers)).json()["intake"][
+            "consumer_lag"
+        ]
+        assert 5 <= lag["total"] <= 6, lag
