@@ -79,6 +79,8 @@ class PassResult:
     routed: int = 0
     #: Assignments per (queue, strategy that chose the agent).
     by_queue_strategy: dict[tuple[str, str], int] = field(default_factory=dict)
+    #: (queue, seconds from entering the queue to the assignment) of first attempts.
+    speeds: list[tuple[str, float]] = field(default_factory=list)
 
     #: Leads the decision left waiting (no eligible agent with room).
     waiting: int = 0
@@ -98,6 +100,7 @@ class PassResult:
         self.routed += other.routed
         for key, value in other.by_queue_strategy.items():
             self.by_queue_strategy[key] = self.by_queue_strategy.get(key, 0) + value
+        self.speeds += other.speeds
 
 
 # Arrays go as binary parameters (%b): psycopg dumps a list as a text literal by scanning every
@@ -414,9 +417,13 @@ class Allocator:
             room=_room(queue, agents, now) > len(outcome.assignments),
         )
         counts = result.by_queue_strategy
+        waited = {lead.id: lead.queued_at for lead in leads}
         for assign in outcome.assignments:
             key = (queue.name, assign.strategy)
             counts[key] = counts.get(key, 0) + 1
+            if assign.attempt == 1:
+                seconds = (now - waited[assign.lead_id]).total_seconds()
+                result.speeds.append((queue.name, seconds))
         return result, len(rows)
 
     def _agents(

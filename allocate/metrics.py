@@ -21,6 +21,12 @@ SLA_EXPIRED = Counter(
     "leadflow_sla_expired_total",
     "Assignments taken back because the first contact did not happen before the SLA deadline.",
 )
+SPEED_TO_LEAD = Histogram(
+    "leadflow_speed_to_lead_seconds",
+    "From a lead entering its queue to its first assignment (committed), by queue.",
+    ["queue"],
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600, 14400, 86400),
+)
 PASS_SECONDS = Histogram(
     "leadflow_allocation_pass_seconds",
     "Time of one allocation pass (SLA sweep, routing, every queue).",

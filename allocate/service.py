@@ -119,6 +119,8 @@ class AllocatorService:
         metrics.BLOCKED.inc(result.blocked)
         for (queue, strategy), count in result.by_queue_strategy.items():
             metrics.ASSIGNMENTS.labels(queue, strategy).inc(count)
+        for queue, seconds in result.speeds:
+            metrics.SPEED_TO_LEAD.labels(queue).observe(max(seconds, 0.0))
         self.passes += 1
         self.totals.add(result)
         if result.assigned or result.expired or result.blocked:

@@ -627,6 +627,8 @@ def test_a_service_pass_sweeps_allocates_and_counts(db_url: str) -> None:
     before = (
         sample("leadflow_assignments_total", {"queue": "loans", "strategy": "round_robin"}),
         sample("leadflow_allocation_blocked_total"),
+        sample("leadflow_speed_to_lead_seconds_count", {"queue": "loans"}),
+        sample("leadflow_speed_to_lead_seconds_sum", {"queue": "loans"}),
     )
     service = AllocatorService(
         allocator(queue(call_window=None)), lambda: psycopg.connect(db_url, autocommit=True)
@@ -640,7 +642,11 @@ def test_a_service_pass_sweeps_allocates_and_counts(db_url: str) -> None:
     after = (
         sample("leadflow_assignments_total", {"queue": "loans", "strategy": "round_robin"}),
         sample("leadflow_allocation_blocked_total"),
+        sample("leadflow_speed_to_lead_seconds_count", {"queue": "loans"}),
+        sample("leadflow_speed_to_lead_seconds_sum", {"queue": "loans"}),
     )
     assert after[0] - before[0] == 2
     assert after[1] - before[1] == 1
+    assert after[2] - before[2] == 2  # two first assignments, each waited since queued_at
+    assert after[3] - before[3] >= 2 * 60  # queued a minute before NOW, assigned after it
     assert sample("leadflow_queue_depth", {"queue": "loans"}) == 0
