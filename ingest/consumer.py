@@ -236,9 +236,11 @@ class KafkaIntake:
         self.records += len(records)
         metrics.BATCH_SIZE.labels("realtime").observe(len(records))
         metrics.BATCH_SECONDS.labels("realtime").observe(time.perf_counter() - started)
-        for outcome in ("new", "merged", "duplicate"):
-            if count := result.count(outcome):
-                metrics.EVENTS.labels("realtime", outcome).inc(count)
+        metrics.count_stored(
+            "realtime",
+            {outcome: result.count(outcome) for outcome in ("new", "merged", "duplicate")},
+            result.new_leads,
+        )
         if rejected:
             metrics.EVENTS.labels("realtime", "rejected").inc(len(rejected))
             for r in rejected:

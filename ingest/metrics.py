@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from prometheus_client import Counter, Gauge, Histogram
 
 EVENTS = Counter(
@@ -26,6 +28,11 @@ BATCH_SECONDS = Histogram(
     ["intake"],
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )
+LEADS_CREATED = Counter(
+    "leadflow_leads_created_total",
+    "New leads by channel, business line and segment: the classification mix.",
+    ["intake", "business_line", "segment"],
+)
 CONSUMER_LAG = Gauge(
     "leadflow_intake_consumer_lag",
     "Records in the topic not yet taken by this worker, per partition.",
@@ -36,3 +43,14 @@ RETRIES = Counter(
     "Transient failures retried with backoff, by what failed (database, kafka).",
     ["intake", "failed"],
 )
+
+
+def count_stored(
+    intake: str, outcomes: Mapping[str, int], new_leads: Mapping[tuple[str, str], int]
+) -> None:
+    """Count a committed batch: events by outcome, new leads by business line and segment."""
+    for outcome, count in outcomes.items():
+        if count:
+            EVENTS.labels(intake, outcome).inc(count)
+    for (line, segment), count in new_leads.items():
+        LEADS_CREATED.labels(intake, line, segment).inc(count)

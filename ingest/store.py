@@ -53,6 +53,8 @@ class Offset:
 class BatchResult:
     outcomes: list[EventOutcome] = field(default_factory=list)  # per accepted event, in order
     lead_ids: list[int | None] = field(default_factory=list)  # per accepted event
+    #: New leads by (business line, segment): the classification mix of the batch.
+    new_leads: dict[tuple[str, str], int] = field(default_factory=dict)
 
     def count(self, outcome: EventOutcome) -> int:
         return sum(1 for o in self.outcomes if o == outcome)
@@ -251,6 +253,9 @@ class LeadStore:
             ref = merge.targets[position]
             result.lead_ids[index] = lead_id[ref]
             result.outcomes[index] = "merged" if merge.merged[position] else "new"
+        for lead in merge.new_leads:
+            key = (lead.business_line, lead.segment)
+            result.new_leads[key] = result.new_leads.get(key, 0) + 1
         return result
 
     def _write_leads(

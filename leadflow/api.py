@@ -750,10 +750,13 @@ def _intake(context: ApiContext, items: Sequence[Any]) -> LeadsResponse:
         status: sum(1 for r in results if r.status == status)
         for status in ("accepted", "merged", "duplicate", "rejected")
     }
-    for status, count in counts.items():
-        if count:
-            outcome_label = "new" if status == "accepted" else status
-            intake_metrics.EVENTS.labels("http", outcome_label).inc(count)
+    intake_metrics.count_stored(
+        "http",
+        {"new": counts["accepted"], "merged": counts["merged"], "duplicate": counts["duplicate"]},
+        stored.new_leads if stored is not None else {},
+    )
+    if counts["rejected"]:
+        intake_metrics.EVENTS.labels("http", "rejected").inc(counts["rejected"])
     return LeadsResponse(**counts, results=results)
 
 

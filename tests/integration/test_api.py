@@ -397,7 +397,19 @@ async def test_a_rejected_single_event_answers_422_with_its_code(api: Api) -> No
     assert_error(missing, 422, "schema_violation")
 
 
+def created_by_http() -> float:
+    from prometheus_client import REGISTRY
+
+    return sum(
+        sample.value
+        for metric in REGISTRY.collect()
+        for sample in metric.samples
+        if sample.name == "leadflow_leads_created_total" and sample.labels["intake"] == "http"
+    )
+
+
 async def test_a_batch_answers_per_event_and_stores_the_valid_ones(api: Api) -> None:
+    before = created_by_http()
     batch = [
         event(1, phone="13800000001"),
         event(2, phone="call-me-maybe"),
@@ -427,6 +439,7 @@ async def test_a_batch_answers_per_event_and_stores_the_valid_ones(api: Api) -> 
     assert "call-me-maybe" not in response.text  # details name problems, not the data
     with psycopg.connect(api.db_url) as conn:
         assert conn.execute("SELECT count(*) FROM leads").fetchone() == (2,)
+    assert created_by_http() - before == 2  # counted by line and segment once stored
 
 
 async def test_oversized_and_malformed_intake_requests(api: Api) -> None:
