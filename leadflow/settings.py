@@ -435,6 +435,12 @@ class StagingSettings(_Section):
         le=1_000_000,
         description="About how many rows one chunk (one transaction, one checkpoint) takes.",
     )
+    lanes: int = Field(
+        default=2,
+        ge=1,
+        le=8,
+        description="Writers storing each chunk at once, each with its own share of the customers.",
+    )
     poll_interval: Duration = Field(
         default=timedelta(seconds=5),
         gt=timedelta(0),

@@ -186,6 +186,7 @@ def staging_loader(settings: Settings, classifier: Callable[[], Classifier]) -> 
         LoaderConfig(
             schema=staging.schema_name,
             chunk_rows=staging.chunk_rows,
+            lanes=staging.lanes,
             poll_interval=staging.poll_interval,
             retry_backoff_max=staging.retry_backoff_max,
             default_source=staging.default_source,

@@ -38,6 +38,7 @@ import os
 import socket
 import threading
 import time
+import zlib
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -89,6 +90,8 @@ TRANSIENT = (
 class LoaderConfig:
     schema: str = "staging"
     chunk_rows: int = 20_000
+    #: Writers storing each chunk at once, each taking its own share of the customers.
+    lanes: int = 2
     poll_interval: timedelta = timedelta(seconds=5)
     retry_backoff_max: timedelta = timedelta(seconds=30)
     default_source: str = "staging"
@@ -112,10 +115,18 @@ _REJECTS_COPY = (
 )
 _PROGRESS = """
 UPDATE staging.extracts
-SET rows_loaded = %s, rows_merged = %s, rows_rejected = %s, checkpoint = %s,
-    state = CASE WHEN %s THEN 'loaded' ELSE state END,
-    finished_at = CASE WHEN %s THEN now() ELSE finished_at END
-WHERE id = %s
+SET rows_loaded = rows_loaded + %(loaded)s,
+    rows_merged = rows_merged + %(merged)s,
+    rows_rejected = rows_rejected + %(rejected)s,
+    checkpoint = jsonb_set(
+        jsonb_set(checkpoint, ARRAY['lanes', %(lane)s], %(entry)s),
+        '{duplicates}', to_jsonb((checkpoint->>'duplicates')::bigint + %(duplicates)s))
+WHERE id = %(id)s
+"""
+_FINISH = """
+UPDATE staging.extracts SET state = 'loaded', finished_at = now()
+WHERE id = %s AND state = 'loading'
+RETURNING rows_loaded, rows_merged, rows_rejected, rows_total
 """
 _IDENTITY = """
 SELECT c.oid, c.relkind, pg_relation_filenode(c.oid)
@@ -148,6 +159,7 @@ class StagingLoader:
         self.classifier = classifier
         self._conn: psycopg.Connection[Any] | None = None  # claims, locks, writes
         self._read: psycopg.Connection[Any] | None = None  # reads staging tables
+        self._writers: dict[int, psycopg.Connection[Any]] = {}  # one per lane
         self.loads = 0
 
     # -- the loop ------------------------------------------------------------------------------
@@ -262,11 +274,15 @@ class StagingLoader:
                         (f"({info.blocks},0)",),
                     ).fetchone()
                     rows_total = int(row[0]) if row else 0
+                    rows_per_block = max(1.0, rows_total / info.blocks) if info.blocks else 1.0
                     checkpoint = {
                         "relid": info.relid,
                         "filenode": info.filenode,
                         "blocks": info.blocks,
-                        "next_block": 0,
+                        # Fixed for the extract's life, so that a resumed load cuts the same
+                        # chunks and sends each customer to the same lane.
+                        "chunk_blocks": max(1, round(config.chunk_rows / rows_per_block)),
+                        "lanes": [{"next_block": 0, "next_row": 1}] * config.lanes,
                         "duplicates": 0,
                     }
                 else:
@@ -280,8 +296,9 @@ class StagingLoader:
             extract=extract.id,
             table=extract.table_name,
             rows_total=rows_total,
-            next_block=checkpoint["next_block"],
+            next_block=min(lane["next_block"] for lane in checkpoint["lanes"]),
             blocks=checkpoint["blocks"],
+            lanes=len(checkpoint["lanes"]),
         )
         return info, dict(checkpoint), rows_total
 
@@ -289,54 +306,47 @@ class StagingLoader:
         self, conn: psycopg.Connection[Any], extract: Extract, stopping: Callable[[], bool]
     ) -> LoadResult:
         info, checkpoint, rows_total = self._begin(conn, extract)
+        lanes = [dict(lane) for lane in checkpoint["lanes"]]
         reader = _Reader(self, extract, info, checkpoint, rows_total)
-        counts = Counter(
-            loaded=extract.rows_loaded, merged=extract.rows_merged, rejected=extract.rows_rejected
-        )
         result = LoadResult(extract.id, "loading")
-        blocks = int(checkpoint["blocks"])
         # The next chunk is read and run through the chain in a thread while this one is
-        # stored: PostgreSQL storing one chunk and Python preparing the next use both cores.
-        with ThreadPoolExecutor(1, thread_name_prefix="staging-read") as pool:
-            ahead = pool.submit(reader.next)
-            while True:
+        # stored, by `lanes` writers at once, each on its own connection and its own share of
+        # the customers: PostgreSQL storing and Python preparing keep both cores busy.
+        with (
+            ThreadPoolExecutor(1, thread_name_prefix="staging-read") as read_pool,
+            ThreadPoolExecutor(len(lanes), thread_name_prefix="staging-lane") as lane_pool,
+        ):
+            ahead = read_pool.submit(reader.next) if reader.more else None
+            while ahead is not None:
                 chunk = ahead.result()
-                if chunk.end < blocks:
-                    if stopping():
-                        log.info("staging load paused", extract=extract.id, next_block=chunk.first)
-                        return result
-                    ahead = pool.submit(reader.next)
-                self._store(conn, extract, chunk, checkpoint, counts, rows_total, blocks)
+                ahead = read_pool.submit(reader.next) if reader.more else None
+                parts = _split(chunk, len(lanes))
+                writing = [
+                    lane_pool.submit(self._store, n, extract, chunk, parts[n])
+                    for n, lane in enumerate(lanes)
+                    if chunk.end > lane["next_block"]
+                ]
+                for future in writing:
+                    future.result()
+                for lane in lanes:
+                    lane["next_block"] = max(lane["next_block"], chunk.end)
                 result.chunks += 1
                 result.rows += len(chunk.rows)
-                if chunk.end >= blocks:
-                    result.state = "loaded"
-                    metrics.EXTRACTS_FINISHED.labels("loaded").inc()
-                    log.info(
-                        "extract loaded",
-                        extract=extract.id,
-                        table=extract.table_name,
-                        loaded=counts["loaded"],
-                        merged=counts["merged"],
-                        rejected=counts["rejected"],
-                    )
+                if ahead is not None and stopping():
+                    log.info("staging load paused", extract=extract.id, next_block=chunk.end)
                     return result
+        self._finish(conn, extract, reader.where)
+        result.state = "loaded"
+        return result
 
-    def _store(
-        self,
-        conn: psycopg.Connection[Any],
-        extract: Extract,
-        chunk: _Chunk,
-        checkpoint: dict[str, Any],
-        counts: Counter[str],
-        rows_total: int,
-        blocks: int,
-    ) -> None:
-        """One chunk's leads, rejects and checkpoint, in one transaction."""
+    def _store(self, lane: int, extract: Extract, chunk: _Chunk, outcomes: list[Outcome]) -> None:
+        """One lane's share of a chunk — leads, rejects, the lane's checkpoint and the extract's
+        counters — in one transaction on the lane's connection."""
         classify = self.classifier()
+        conn = self._writer(lane)
         with _gc_paused(), conn.transaction(), conn.cursor() as cur:
-            accepted = [o for o in chunk.outcomes if isinstance(o, Accepted)]
-            rejected = [o for o in chunk.outcomes if isinstance(o, Rejected)]
+            accepted = [o for o in outcomes if isinstance(o, Accepted)]
+            rejected = [o for o in outcomes if isinstance(o, Rejected)]
             stored = self.store.write_in(cur, accepted, classify)
             if rejected:
                 with cur.copy(_REJECTS_COPY) as copy:
@@ -348,28 +358,43 @@ class StagingLoader:
                             (extract.id, row_number, r.code, r.detail, Jsonb(chunk.mapper.row_json(row)))
                         )  # fmt: skip
             new, merged, duplicate = (stored.count(o) for o in ("new", "merged", "duplicate"))
-            counts.update(loaded=new, merged=merged + duplicate, rejected=len(rejected))
-            finished = chunk.end >= blocks
-            if finished and counts.total() != rows_total:
-                raise ExtractFailed(
-                    f"{counts.total():,} rows read but {rows_total:,} counted at the start: "
-                    f"{chunk.where} changed while loading; submit it again once it is complete"
-                )
-            next_checkpoint = {
-                **checkpoint,
-                "next_block": chunk.end,
-                "duplicates": int(checkpoint.get("duplicates", 0)) + duplicate,
-            }
             cur.execute(
                 _PROGRESS,
-                (
-                    counts["loaded"], counts["merged"], counts["rejected"], Jsonb(next_checkpoint),
-                    finished, finished, extract.id,
-                ),
-            )  # fmt: skip
-        checkpoint.update(next_checkpoint)
+                {
+                    "loaded": new,
+                    "merged": merged + duplicate,
+                    "rejected": len(rejected),
+                    "duplicates": duplicate,
+                    "lane": str(lane),
+                    "entry": Jsonb({"next_block": chunk.end, "next_row": chunk.next_row}),
+                    "id": extract.id,
+                },
+            )
         self._count(
-            len(chunk.rows), new, merged, duplicate, rejected, time.perf_counter() - chunk.started
+            len(outcomes), new, merged, duplicate, rejected, time.perf_counter() - chunk.started
+        )
+
+    def _finish(self, conn: psycopg.Connection[Any], extract: Extract, where: str) -> None:
+        with conn.transaction():
+            row = conn.execute(_FINISH, (extract.id,)).fetchone()
+        if row is None:
+            raise ExtractFailed(
+                f"{where} changed while loading; submit it again once it is complete"
+            )
+        loaded, merged, rejected, total = row
+        if loaded + merged + rejected != total:
+            raise ExtractFailed(
+                f"{loaded + merged + rejected:,} rows read but {total:,} counted at the start: "
+                f"{where} changed while loading; submit it again once it is complete"
+            )
+        metrics.EXTRACTS_FINISHED.labels("loaded").inc()
+        log.info(
+            "extract loaded",
+            extract=extract.id,
+            table=extract.table_name,
+            loaded=loaded,
+            merged=merged,
+            rejected=rejected,
         )
 
     @staticmethod
@@ -402,6 +427,12 @@ class StagingLoader:
         """Close the connections (`run` does on its way out); a later load reconnects."""
         self._drop_connection()
 
+    def _writer(self, lane: int) -> psycopg.Connection[Any]:
+        conn = self._writers.get(lane)
+        if conn is None or conn.closed:
+            conn = self._writers[lane] = self._open()
+        return conn
+
     def _read_connection(self) -> psycopg.Connection[Any]:
         if self._read is None or self._read.closed:
             self._read = self._open()
@@ -420,11 +451,12 @@ class StagingLoader:
         return conn
 
     def _drop_connection(self) -> None:
-        for conn in (self._conn, self._read):
+        for conn in (self._conn, self._read, *self._writers.values()):
             if conn is not None:
                 with contextlib.suppress(Exception):
                     conn.close()
         self._conn = self._read = None
+        self._writers.clear()
 
 
 @dataclass
@@ -438,10 +470,30 @@ class _Chunk:
     where: str
     started: float
 
+    @property
+    def next_row(self) -> int:
+        return self.first_row + len(self.rows)
+
+
+def _split(chunk: _Chunk, lanes: int) -> list[list[Outcome]]:
+    """Each lane's share of a chunk: accepted rows by their customer's phone (a stable hash:
+    the same customer, the same lane, in every process and after every restart, so a
+    customer's rows keep their order and lanes never wait for each other's customers);
+    rejected rows to lane 0."""
+    parts: list[list[Outcome]] = [[] for _ in range(lanes)]
+    for outcome in chunk.outcomes:
+        if lanes > 1 and isinstance(outcome, Accepted):
+            parts[zlib.crc32(outcome.lead.phone.encode()) % lanes].append(outcome)
+        else:
+            parts[0].append(outcome)
+    return parts
+
 
 class _Reader:
     """Reads an extract's chunks in order on the loader's read connection, each in its own
-    transaction under LOCK TABLE, and runs them through the chain."""
+    transaction under LOCK TABLE, and runs them through the chain. It starts at the lane that
+    is furthest behind; chunks are cut at multiples of the extract's `chunk_blocks`, so every
+    lane's checkpoint falls on a chunk boundary."""
 
     def __init__(
         self,
@@ -456,10 +508,10 @@ class _Reader:
         self.schema, self.table_name = config.schema, extract.table_name
         self.where = f"{config.schema}.{extract.table_name}"
         self.blocks = int(checkpoint["blocks"])
-        self.next_block = int(checkpoint["next_block"])
-        self.next_row = extract.rows_done + 1
-        rows_per_block = max(1.0, rows_total / self.blocks) if self.blocks else 1.0
-        self.chunk_blocks = max(1, round(config.chunk_rows / rows_per_block))
+        behind = min(checkpoint["lanes"], key=lambda lane: int(lane["next_block"]))
+        self.next_block = int(behind["next_block"])
+        self.next_row = int(behind["next_row"])
+        self.chunk_blocks = int(checkpoint["chunk_blocks"])
         table = qualified(config.schema, extract.table_name)
         self.select = sql.SQL(
             "SELECT ctid, {} FROM {} WHERE ctid >= %s::tid AND ctid < %s::tid ORDER BY ctid"
@@ -480,30 +532,33 @@ class _Reader:
         if extract.business_line or extract.segment or extract.priority is not None:
             self.hints = Hints(extract.business_line, extract.segment, extract.priority)
 
+    @property
+    def more(self) -> bool:
+        return self.next_block < self.blocks
+
     def next(self) -> _Chunk:
         started = time.perf_counter()
         first = self.next_block
         end = min(self.blocks, first + self.chunk_blocks)
+        assert first < end
         rows: list[Any] = []
         conn = self.loader._read_connection()
         with _gc_paused():
-            if first < end:
-                with conn.transaction(), conn.cursor() as cur:
-                    cur.execute(self.lock)
-                    identity = cur.execute(_IDENTITY, (self.schema, self.table_name)).fetchone()
-                    if identity is None:
-                        raise ExtractFailed(f"table {self.where} was dropped while loading")
-                    if identity[1] != "r":
-                        raise ExtractFailed(
-                            f"{self.where} was replaced by something other than a table while "
-                            "loading"
-                        )
-                    _same_table(
-                        self.checkpoint,
-                        TableInfo(int(identity[0]), int(identity[2]), self.blocks, ()),
-                        self.where,
+            with conn.transaction(), conn.cursor() as cur:
+                cur.execute(self.lock)
+                identity = cur.execute(_IDENTITY, (self.schema, self.table_name)).fetchone()
+                if identity is None:
+                    raise ExtractFailed(f"table {self.where} was dropped while loading")
+                if identity[1] != "r":
+                    raise ExtractFailed(
+                        f"{self.where} was replaced by something other than a table while loading"
                     )
-                    rows = cur.execute(self.select, (f"({first},0)", f"({end},0)")).fetchall()
+                _same_table(
+                    self.checkpoint,
+                    TableInfo(int(identity[0]), int(identity[2]), self.blocks, ()),
+                    self.where,
+                )
+                rows = cur.execute(self.select, (f"({first},0)", f"({end},0)")).fetchall()
             outcomes = self.loader.chain.process_objects(
                 self.mapper.records(rows, self.next_row), "staging", self.hints
             )

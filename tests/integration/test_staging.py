@@ -306,7 +306,7 @@ def test_a_stopped_load_resumes_where_it_stopped_with_no_duplicates(
     def after_two_chunks() -> bool:
         nonlocal chunks
         chunks += 1
-        return chunks > 2
+        return chunks >= 2
 
     first = make_loader(db_url, chunk_rows=500).load_next(after_two_chunks)
     assert first is not None
@@ -314,11 +314,14 @@ def test_a_stopped_load_resumes_where_it_stopped_with_no_duplicates(
     assert first.chunks == 2
     paused = extract(conn, extract_id)
     assert paused["state"] == "loading"
-    assert 0 < paused["checkpoint"]["next_block"] < paused["checkpoint"]["blocks"]
+    lanes, blocks = paused["checkpoint"]["lanes"], paused["checkpoint"]["blocks"]
+    assert len(lanes) == 2
+    assert all(0 < lane["next_block"] < blocks for lane in lanes)
     assert 0 < paused["rows_loaded"] + paused["rows_merged"] + paused["rows_rejected"] < len(rows)
 
-    # Another loader takes it over (the first one's lock went with its session's claim).
-    rest = make_loader(db_url, chunk_rows=700).load_next()
+    # Another loader takes it over (the first one's lock went with its session's claim); the
+    # extract keeps its chunks and lanes whatever that loader's settings.
+    rest = make_loader(db_url, chunk_rows=700, lanes=3).load_next()
     assert rest is not None
     assert rest.state == "loaded"
     done = extract(conn, extract_id)
