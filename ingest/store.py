@@ -84,9 +84,11 @@ RETURNING c.phone_e164, (xmax = 0) AS inserted
 
 _CUSTOMER_IDS = "SELECT phone_e164, id FROM customers WHERE phone_e164 = ANY(%b::text[])"
 _KNOWN_EVENTS = "SELECT event_id FROM lead_events WHERE event_id = ANY(%b::text[])"
+# In key order, like the customers: two writers inserting the same identities wait for each
+# other in one order, never in a cycle.
 _IDENTITIES = """
 INSERT INTO customer_identities (source, external_id, customer_id)
-SELECT * FROM unnest(%b::text[], %b::text[], %b::bigint[])
+SELECT * FROM unnest(%b::text[], %b::text[], %b::bigint[]) ORDER BY 1, 2
 ON CONFLICT DO NOTHING
 """
 _OPEN_LEADS = """
