@@ -708,3 +708,55 @@ def state_or_none(conn: psycopg.Connection, source: str) -> dict[str, Any] | Non
         return state(conn, source)
     except AssertionError:
         return None
+
+
+# --- the per-source view for `sources list` and the ops surfaces ---------------------------------
+
+
+def test_pipeline_sources_shows_each_sources_state(
+    mariadb: MariaDB, pg: psycopg.Connection, db_url: str
+) -> None:
+    from leadflow.db import make_engine, pipeline_sources
+
+    table = mariadb.table(PROFILE)
+    mariadb.insert(table, COLUMNS, tie_groups([2]))
+    ok, running, never, failing = (name() for _ in range(4))
+    down = contract_source(table, failing)
+    down["url"] = "mysql://reader:pa55w0rd@127.0.0.1:1/test"
+    specs = [
+        contract_source(table, ok),
+        contract_source(table, running, schedule="90s"),
+        contract_source(table, never),
+        down,
+    ]
+    made = pollers(db_url, *specs)
+    assert made[0].run().outcome == "succeeded"
+    assert made[3].run().outcome == "failed"
+    pg.execute("INSERT INTO poller_state (source) VALUES ('retired')")  # no longer configured
+    settings = settings_for(db_url, specs)
+    engine = make_engine(db_url)
+    now = datetime.now(UTC)
+    try:
+        with psycopg.connect(db_url, autocommit=True) as holder:
+            assert lock_source(holder, running, wait=False)  # a run in progress
+            pg.execute(
+                "INSERT INTO poller_state (source, last_run_at) VALUES (%s, now())", (running,)
+            )
+            view = {s["name"]: s for s in pipeline_sources(engine, settings.source_specs(), now)}
+    finally:
+        engine.dispose()
+    assert [s for s in view] == [ok, running, never, failing, "retired"]
+    assert view[ok]["state"] == "ok"
+    assert view[ok]["watermark"] == (BASE + timedelta(minutes=0)).isoformat()
+    assert (view[ok]["last_rows"], view[ok]["rows_total"]) == (2, 2)
+    assert view[ok]["next_run"] > now  # the next */10 minute
+    assert view[running]["state"] == "running"
+    assert view[running]["next_run"] >= now
+    assert view[never]["state"] == "never run"
+    assert view[failing]["state"] == "failing"
+    assert view[failing]["consecutive_failures"] == 1
+    assert "Can't connect" in view[failing]["last_error"]
+    assert view[failing]["next_run"] == view[failing]["retry_at"]
+    assert view[failing]["url"] == "mysql+pymysql://reader:***@127.0.0.1:1/test"
+    assert view["retired"]["configured"] is False
+    assert view["retired"]["schedule"] is None
