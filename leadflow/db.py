@@ -159,18 +159,17 @@ def pipeline_sources(
 
     `state` is `running` (a run holds the source now), `failing` (the last runs failed; see
     `last_error`, `consecutive_failures`, `retry_at`), `never run`, or `ok`. `next_run` is when
-    the scheduler runs it next if one runs (after a failure: the backoff's retry time).
+    the scheduler runs it next if one runs (after a failure: the backoff's retry time; `now`
+    when it is due).
     Timestamps are aware datetimes; the watermark is given as text and as stored (JSON).
     """
     states = poller_states(engine)
     sources: list[dict[str, Any]] = []
     for spec in specs:
         row = states.pop(spec.name, None) or {}
-        last_run = row.get("last_run_at")
         retry_at = row.get("retry_at") if row.get("consecutive_failures") else None
         schedule = spec.schedule
-        previous = last_run if schedule.interval is not None else None
-        next_run = retry_at or schedule.next_after(now, spec.timezone, previous)
+        next_run = schedule.next_run(now, spec.timezone, row.get("last_run_at"), retry_at)
         sources.append(
             _source_entry(spec.name, row, display(from_json(row.get("watermark"))))
             | {

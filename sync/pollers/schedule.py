@@ -18,6 +18,7 @@ from apscheduler.triggers.interval import IntervalTrigger
 _INTERVAL_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d|w)")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 MIN_INTERVAL = timedelta(seconds=1)
+_TICK = timedelta(microseconds=1)
 
 #: crontab(5) weekday numbers: Sunday is 0 and 7.
 _CRON_DAYS = ("sun", "mon", "tue", "wed", "thu", "fri", "sat")
@@ -43,13 +44,36 @@ class Schedule:
         assert self.crontab is not None
         return CronTrigger.from_crontab(self.crontab, timezone=timezone)
 
-    def next_after(self, now: datetime, timezone: tzinfo, previous: datetime | None) -> datetime:
-        """When a run is due next, given the last one (or None): what `sources list` shows."""
+    def due_after(self, last_run: datetime, timezone: tzinfo) -> datetime:
+        """The first tick after a run that started at `last_run`."""
         if self.interval is not None:
-            return now if previous is None else max(now, previous + self.interval)
-        fire = self.trigger(timezone).get_next_fire_time(None, now)
+            return last_run + self.interval
+        fire = self.trigger(timezone).get_next_fire_time(None, last_run + _TICK)
         assert fire is not None  # a valid crontab expression always fires again
         return fire  # type: ignore[no-any-return]
+
+    def next_run(
+        self,
+        now: datetime,
+        timezone: tzinfo,
+        last_run: datetime | None,
+        retry_at: datetime | None = None,
+        misfire_grace: timedelta | None = None,
+    ) -> datetime | None:
+        """When the source should run next, from what PostgreSQL knows of it: a pending retry;
+        else now if it never ran, or if the tick after its last run has passed (a tick missed
+        while no scheduler led, or in a restart, runs at once — unless later than
+        `misfire_grace`); else that tick. None: the schedule's own next tick."""
+        if retry_at is not None:
+            return max(now, retry_at)
+        if last_run is None:
+            return now
+        due = self.due_after(last_run, timezone)
+        if due > now:
+            return due
+        if misfire_grace is not None and now - due > misfire_grace:
+            return None
+        return now
 
 
 def parse_schedule(text: str) -> Schedule:

@@ -22,6 +22,9 @@ live and a source that hangs cannot keep the process from exiting.
 
 After a failed run the job's next run is moved to the run's `retry_at` (exponential backoff,
 capped), earlier or later than the schedule's next tick; a success goes back to the schedule.
+A leader starts each job from what PostgreSQL knows (`Schedule.next_run`): a pending retry, at
+once if the source never ran or a tick since its last run was missed (no leader at the time, a
+restart), else the tick after its last run — a failover skips no tick's work.
 
 The leader also prunes the run history every `prune_interval`.
 """
@@ -148,18 +151,17 @@ class SchedulerService:
     async def _lead(self, lock: psycopg.AsyncConnection[Any], stop: asyncio.Event) -> None:
         config = self.config
         try:
-            backing_off = await self._load_state(lock)
+            first_runs = await self._load_state(lock)
         except (*_DATABASE_ERRORS, psycopg.errors.UndefinedTable) as exc:
             log.warning("cannot read the sources' state; standing by", error=describe_error(exc))
             await _sleep(config.lock_interval.total_seconds(), stop)
             return
-        now = datetime.now(config.timezone)
         scheduler = AsyncIOScheduler(timezone=config.timezone, logger=_quiet_logger())
         scheduler.add_listener(self._skipped, EVENT_JOB_MAX_INSTANCES | EVENT_JOB_MISSED)
         for name, poller in self.pollers.items():
-            # A source still backing off (a failure before a takeover or restart) waits for it.
-            first = backing_off.get(name)
-            later = {"next_run_time": first} if first is not None and first > now else {}
+            # Never run: at once; else as PostgreSQL says (a pending retry, a missed tick).
+            first = first_runs.get(name, datetime.now(config.timezone))
+            when = {} if first is None else {"next_run_time": first.astimezone(config.timezone)}
             scheduler.add_job(
                 self._job,
                 trigger=poller.spec.schedule.trigger(config.timezone),
@@ -173,7 +175,7 @@ class SchedulerService:
                     if config.misfire_grace is None
                     else max(1, int(config.misfire_grace.total_seconds()))
                 ),
-                **later,
+                **when,
             )
         self._scheduler = scheduler
         self.leader = True
@@ -222,22 +224,31 @@ class SchedulerService:
         if cursor.rowcount:
             log.info("pruned the poller run history", runs=cursor.rowcount)
 
-    async def _load_state(self, conn: psycopg.AsyncConnection[Any]) -> dict[str, datetime]:
-        """Set the gauges from PostgreSQL; return the sources backing off and until when."""
+    async def _load_state(self, conn: psycopg.AsyncConnection[Any]) -> dict[str, datetime | None]:
+        """Set the gauges from PostgreSQL; return when each source it knows should run first:
+        a pending retry, or at once when a tick since its last run was missed (while no
+        scheduler led, or across a restart)."""
         names = sorted(self.pollers)
         for name in names:
             metrics.LAST_SUCCESS.labels(name).set(0)
             metrics.FAILURES.labels(name).set(0)
         cursor = await conn.execute(_STATE_SQL, (names,))
-        retry: dict[str, datetime] = {}
-        for name, last_success, failures, retry_at in await cursor.fetchall():
+        now = datetime.now(self.config.timezone)
+        first: dict[str, datetime | None] = {}
+        for name, last_run, last_success, failures, retry_at in await cursor.fetchall():
             if last_success is not None:
                 metrics.LAST_SUCCESS.labels(name).set(last_success.timestamp())
             metrics.FAILURES.labels(name).set(failures)
-            self.pollers[name].failures = failures
-            if retry_at is not None:
-                retry[name] = retry_at
-        return retry
+            poller = self.pollers[name]
+            poller.failures = failures
+            first[name] = poller.spec.schedule.next_run(
+                now,
+                self.config.timezone,
+                last_run,
+                retry_at if failures else None,
+                self.config.misfire_grace,
+            )
+        return first
 
     async def _stop_runs(self) -> None:
         for running in self._running.values():
@@ -325,7 +336,7 @@ async def _close(conn: psycopg.AsyncConnection[Any]) -> None:
 
 
 _STATE_SQL = """
-SELECT source, last_success_at, consecutive_failures, retry_at
+SELECT source, last_run_at, last_success_at, consecutive_failures, retry_at
 FROM poller_state WHERE source = ANY(%s)
 """
 

@@ -760,3 +760,36 @@ def test_pipeline_sources_shows_each_sources_state(
     assert view[failing]["url"] == "mysql+pymysql://reader:***@127.0.0.1:1/test"
     assert view["retired"]["configured"] is False
     assert view["retired"]["schedule"] is None
+
+
+async def test_a_new_leader_runs_overdue_sources_at_once_and_others_at_their_tick(
+    mariadb: MariaDB, db_url: str
+) -> None:
+    table = mariadb.table(PROFILE)
+    mariadb.insert(table, COLUMNS, tie_groups([2]))
+    overdue, recent = name(), name()
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute(  # both hourly; one last ran two hours ago (a missed tick), one 10 min ago
+            "INSERT INTO poller_state (source, last_run_at) VALUES"
+            " (%s, now() - interval '2 hours'), (%s, now() - interval '10 minutes')",
+            (overdue, recent),
+        )
+    (service,) = services(
+        db_url,
+        1,
+        contract_source(table, overdue, schedule="1h"),
+        contract_source(table, recent, schedule="1h"),
+    )
+    stop = asyncio.Event()
+    task = asyncio.create_task(service.run(stop))
+    try:
+        with psycopg.connect(db_url) as conn:
+            await until(
+                lambda: len(stored_external_ids(conn, overdue)) == 2, what="the overdue run"
+            )
+            await asyncio.sleep(1)
+            assert runs(conn, recent) == []  # its tick is 50 minutes away
+            assert service.runs == 1
+    finally:
+        stop.set()
+        await task

@@ -70,12 +70,47 @@ def test_a_sunday_crontab_fires_on_sunday_not_monday() -> None:
     assert fire.strftime("%A") == "Sunday"
 
 
-def test_crontab_next_run_in_the_schedule_timezone() -> None:
-    schedule = parse_schedule("*/10 * * * *")
-    now = datetime(2026, 11, 24, 12, 3, tzinfo=UTC)
-    assert schedule.next_after(now, SHANGHAI, None) == datetime(2026, 11, 24, 12, 10, tzinfo=UTC)
-    daily = parse_schedule("0 2 * * *")
-    assert daily.next_after(now, SHANGHAI, None) == datetime(2026, 11, 24, 18, 0, tzinfo=UTC)
+def test_the_tick_after_a_run_in_the_schedule_timezone() -> None:
+    every_ten = parse_schedule("*/10 * * * *")
+    run = datetime(2026, 11, 24, 12, 3, tzinfo=UTC)
+    assert every_ten.due_after(run, SHANGHAI) == datetime(2026, 11, 24, 12, 10, tzinfo=UTC)
+    at_two = parse_schedule("0 2 * * *")  # 02:00 in Shanghai is 18:00 UTC
+    assert at_two.due_after(run, SHANGHAI) == datetime(2026, 11, 24, 18, 0, tzinfo=UTC)
+    on_the_tick = datetime(2026, 11, 24, 18, 0, tzinfo=UTC)  # a run that started on its tick
+    assert at_two.due_after(on_the_tick, SHANGHAI) == datetime(2026, 11, 25, 18, 0, tzinfo=UTC)
+    assert parse_schedule("5m").due_after(run, SHANGHAI) == run + timedelta(minutes=5)
+
+
+NOW_UTC = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
+
+
+@pytest.mark.parametrize(
+    ("schedule", "last_run", "retry_at", "grace", "expected"),
+    [
+        # never ran: at once
+        ("1h", None, None, None, NOW_UTC),
+        # the tick after the last run is ahead: then
+        ("1h", NOW_UTC - timedelta(minutes=20), None, None, NOW_UTC + timedelta(minutes=40)),
+        ("0 2 * * *", NOW_UTC - timedelta(hours=1), None, None, datetime(2026, 11, 24, 18, tzinfo=UTC)),
+        # a tick was missed (no leader at 02:00, a restart): at once
+        ("0 2 * * *", NOW_UTC - timedelta(days=1), None, None, NOW_UTC),
+        ("1h", NOW_UTC - timedelta(hours=3), None, None, NOW_UTC),
+        # ... unless later than the misfire grace: the schedule's own next tick
+        ("1h", NOW_UTC - timedelta(hours=3), None, timedelta(minutes=30), None),
+        # a pending retry wins, also when it has passed
+        ("1h", NOW_UTC - timedelta(minutes=1), NOW_UTC + timedelta(seconds=40), None, NOW_UTC + timedelta(seconds=40)),
+        ("1h", NOW_UTC - timedelta(minutes=1), NOW_UTC - timedelta(seconds=5), None, NOW_UTC),
+    ],
+)  # fmt: skip
+def test_when_a_new_leader_runs_a_source_first(
+    schedule: str,
+    last_run: datetime | None,
+    retry_at: datetime | None,
+    grace: timedelta | None,
+    expected: datetime | None,
+) -> None:
+    parsed = parse_schedule(schedule)
+    assert parsed.next_run(NOW_UTC, SHANGHAI, last_run, retry_at, grace) == expected
 
 
 @pytest.mark.parametrize(
