@@ -21,9 +21,12 @@ A run (`Poller.run`, blocking: call it from a thread) goes:
    last committed page put it, counts the failure and sets `retry_at` (exponential backoff,
    `sync.pollers.failures`).
 
-Memory is bounded by a page (`batch_size` rows; for plain queries, the largest tie group up to
-`max_page_rows`), whatever the size of the source. Source reads are short transactions of their
-own, one per page, so a long run holds no snapshot open on the source.
+The next page is read, mapped and checked in a second thread while a page is stored, so the
+source, the intake chain and PostgreSQL work at the same time; a page read ahead is simply not
+stored when the run stops or fails. Memory is bounded by two pages (`batch_size` rows each; for
+plain queries, the largest tie group up to `max_page_rows`), whatever the size of the source.
+Source reads are short transactions of their own, one per page, so a long run holds no snapshot
+open on the source.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from datetime import UTC, date, datetime, timedelta, tzinfo
 from typing import Any
@@ -46,7 +50,7 @@ from psycopg.types.json import Jsonb
 from sqlalchemy.engine import Engine, make_url
 
 from ingest import metrics as intake_metrics
-from ingest.chain import Accepted, IntakeChain, Record, Rejected
+from ingest.chain import Accepted, IntakeChain, Outcome, Record, Rejected
 from ingest.store import Classifier, LeadStore
 from schemas.vocab import PollerOutcome, PollerTrigger
 from sync.pollers import metrics
@@ -139,6 +143,17 @@ class RunResult:
     consecutive_failures: int = 0
     retry_at: datetime | None = None  # when failed: the next attempt
     seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    """A page read, decided, mapped and checked, ready to store."""
+
+    page: Page
+    mapper: RowMapper
+    rows: Sequence[tuple[Any, ...]]  # the rows taken
+    outcomes: Sequence[Outcome]
+    seconds: float
 
 
 class WatermarkMoved(RuntimeError):
@@ -255,25 +270,58 @@ class Poller:
         # Plain queries read one row of look-ahead: the trailing tie group of a full page is
         # left for the next read, and with distinct values that is just the extra row.
         base_limit = spec.batch_size if spec.keyed else spec.batch_size + 1
-        limit = base_limit
-        mapper: RowMapper | None = None
-        with self.engine().connect() as source:
+        # The next page is read, mapped and checked in a thread while this one is stored: the
+        # source, the chain and PostgreSQL work at the same time. Only one thread uses the
+        # source connection at a time (the next read starts after this one was taken).
+        with (
+            self.engine().connect() as source,
+            ThreadPoolExecutor(1, thread_name_prefix=f"poller-{spec.name}-read") as reader,
+        ):
+            ahead = reader.submit(
+                self._prepare, source, result.watermark_to, base_limit, base_limit, None
+            )
             while True:
+                prepared = ahead.result()
+                page = prepared.page
                 if stop.is_set():
-                    result.outcome = "stopped"
+                    result.outcome = "stopped"  # the page read ahead is not stored
                     return
-                columns, rows = self._fetch(source, result.watermark_to, limit)
-                if mapper is None or tuple(columns) != mapper.columns:
-                    mapper = RowMapper(spec.row_spec(), columns)
-                page = self._decide(mapper, rows, limit, base_limit)
+                if not page.done:
+                    ahead = reader.submit(
+                        self._prepare,
+                        source,
+                        page.watermark or result.watermark_to,
+                        page.next_limit,
+                        base_limit,
+                        prepared.mapper,
+                    )
                 if page.take:
-                    self._store(conn, result, mapper, rows[: page.take], page.watermark)
+                    self._store(conn, result, prepared)
                     if progress is not None:
                         progress(result)
-                limit = page.next_limit
                 if page.done:
                     result.outcome = "succeeded"
                     return
+
+    def _prepare(
+        self,
+        source: sa.Connection,
+        watermark: Watermark | None,
+        limit: int,
+        base_limit: int,
+        mapper: RowMapper | None,
+    ) -> _Prepared:
+        """Read a page, decide what to take of it, map and check those rows (no PostgreSQL)."""
+        started = time.perf_counter()
+        columns, rows = self._fetch(source, watermark, limit)
+        if mapper is None or tuple(columns) != mapper.columns:
+            mapper = RowMapper(self.spec.row_spec(), columns)
+        page = self._decide(mapper, rows, limit, base_limit)
+        taken = rows[: page.take]
+        now = self.clock()
+        items = [(Record(None, row=n), mapper.event(row, now)) for n, row in enumerate(taken)]
+        outcomes = self.chain.process_objects(items, "stock") if items else []
+        return _Prepared(page, mapper, taken, outcomes, time.perf_counter() - started)
 
     def _fetch(
         self, source: sa.Connection, watermark: Watermark | None, limit: int
@@ -301,28 +349,16 @@ class Poller:
         values = [mapper.watermark_of(row) for row in rows]
         return plain_page(values, limit, base_limit, self.config.max_page_rows)
 
-    def _store(
-        self,
-        conn: psycopg.Connection,
-        result: RunResult,
-        mapper: RowMapper,
-        rows: Sequence[tuple[Any, ...]],
-        watermark: Watermark | None,
-    ) -> None:
+    def _store(self, conn: psycopg.Connection, result: RunResult, prepared: _Prepared) -> None:
         started = time.perf_counter()
-        now = self.clock()
-        first = result.rows + 1
-        items = [
-            (Record(None, row=first + n), mapper.event(row, now)) for n, row in enumerate(rows)
-        ]
-        outcomes = self.chain.process_objects(items, "stock")
-        accepted = [o for o in outcomes if isinstance(o, Accepted)]
-        rejected = [o for o in outcomes if isinstance(o, Rejected)]
+        mapper, rows, watermark = prepared.mapper, prepared.rows, prepared.page.watermark
+        accepted = [o for o in prepared.outcomes if isinstance(o, Accepted)]
+        rejected = [o for o in prepared.outcomes if isinstance(o, Rejected)]
         classify = self.classifier()
         room = max(0, self.config.max_rejects_per_run - result.rejected)
         kept = []
         for reject in rejected[:room]:
-            row = rows[(reject.record.row or first) - first]
+            row = rows[reject.record.row or 0]  # the row's place in the page
             where = _jsonb(Watermark(mapper.watermark_of(row)))
             kept.append(
                 (
@@ -394,7 +430,9 @@ class Poller:
                 rejected=dict(codes),
             )
         intake_metrics.BATCH_SIZE.labels("stock").observe(len(rows))
-        intake_metrics.BATCH_SECONDS.labels("stock").observe(time.perf_counter() - started)
+        intake_metrics.BATCH_SECONDS.labels("stock").observe(
+            prepared.seconds + time.perf_counter() - started
+        )
         self._watermark_gauge(watermark)
 
     def _finish(self, conn: psycopg.Connection, result: RunResult) -> None:
