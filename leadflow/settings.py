@@ -436,10 +436,11 @@ class StagingSettings(_Section):
         description="About how many rows one chunk (one transaction, one checkpoint) takes.",
     )
     lanes: int = Field(
-        default=2,
+        default=1,
         ge=1,
         le=8,
-        description="Writers storing each chunk at once, each with its own share of the customers.",
+        description="Writers storing each chunk at once, each with its own share of the customers "
+        "(threads: they help where PostgreSQL, not this process, is the bottleneck).",
     )
     poll_interval: Duration = Field(
         default=timedelta(seconds=5),

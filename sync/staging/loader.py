@@ -91,7 +91,7 @@ class LoaderConfig:
     schema: str = "staging"
     chunk_rows: int = 20_000
     #: Writers storing each chunk at once, each taking its own share of the customers.
-    lanes: int = 2
+    lanes: int = 1
     poll_interval: timedelta = timedelta(seconds=5)
     retry_backoff_max: timedelta = timedelta(seconds=30)
     default_source: str = "staging"

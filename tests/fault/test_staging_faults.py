@@ -1,7 +1,7 @@
 """Fault test of the staging loader (DESIGN.md, "Reliability"): the real `leadflow run staging`
-is killed with SIGKILL three times mid-load and restarted each time; the final state — extract
-counters, rejects, customers, leads, events, audit trail — is identical to an uninterrupted
-load of the same table into another database."""
+(with two lanes) is killed with SIGKILL three times mid-load and restarted each time; the final
+state — extract counters, rejects, customers, leads, events, audit trail — is identical to an
+uninterrupted load of the same table into another database by one lane."""
 
 from __future__ import annotations
 
@@ -72,7 +72,7 @@ def snapshot(url: str) -> dict[str, Any]:
         return {
             "extract": rows(
                 "SELECT state, rows_total, rows_loaded, rows_merged, rows_rejected, error,"
-                " checkpoint - 'relid' - 'filenode' FROM staging.extracts"
+                " checkpoint - 'relid' - 'filenode' - 'lanes' FROM staging.extracts"
             ),
             "rejects": rows("SELECT row_number, code, detail, row FROM staging.extract_rejects"),
             "customers": rows("SELECT phone_e164, name, email, region, timezone FROM customers"),
@@ -103,6 +103,13 @@ def snapshot(url: str) -> dict[str, Any]:
         }
 
 
+def extract_blocks(url: str) -> int:
+    with psycopg.connect(url) as conn:
+        row = conn.execute("SELECT (checkpoint->>'blocks')::int FROM staging.extracts").fetchone()
+    assert row is not None
+    return int(row[0])
+
+
 def role_env(db_url: str, bootstrap: str) -> dict[str, str]:
     suffix = uuid.uuid4().hex[:8]
     env = {k: v for k, v in os.environ.items() if not k.startswith("LEADFLOW_")}
@@ -113,6 +120,7 @@ def role_env(db_url: str, bootstrap: str) -> dict[str, str]:
         LEADFLOW_TOPICS_DLQ=f"fault.dlq.{suffix}",
         LEADFLOW_TOPICS_ASSIGNED=f"fault.assigned.{suffix}",
         LEADFLOW_STAGING_CHUNK_ROWS=str(CHUNK_ROWS),
+        LEADFLOW_STAGING_LANES="2",  # the reference load has one: lanes change nothing
         LEADFLOW_STAGING_POLL_INTERVAL="0.5s",
         LEADFLOW_LOG_LEVEL="WARNING",
         PYTHONWARNINGS="ignore",
@@ -159,6 +167,10 @@ def test_kill_9_mid_load_and_restart_ends_as_an_uninterrupted_load(
     interrupted, uninterrupted = snapshot(db_url), snapshot(reference_db_url)
     for part in uninterrupted:
         assert interrupted[part] == uninterrupted[part], part
+    with psycopg.connect(db_url) as conn:
+        lanes = conn.execute("SELECT checkpoint->'lanes' FROM staging.extracts").fetchone()
+    assert lanes is not None
+    assert lanes[0] == [{"next_block": extract_blocks(db_url), "next_row": ROWS + 1}] * 2
     (extract,) = interrupted["extract"]
     assert extract[1] == ROWS == extract[2] + extract[3] + extract[4]
     assert len(interrupted["events"]) == extract[2] + extract[3]
