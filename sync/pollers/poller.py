@@ -66,6 +66,12 @@ from sync.pollers.watermark import (
     to_json,
 )
 
+# The one process-wide pause of cyclic garbage collection while a batch is in hand (counted across
+# threads, shared with the staging loader): a page allocates hundreds of thousands of objects
+# that reference counting frees, and the collector kept rescanning them — about a fifth of a
+# run's CPU (measured: 100-122 µs a row with collections, 80-95 without).
+from sync.staging.loader import _gc_paused as gc_paused
+
 log = structlog.stdlib.get_logger("leadflow.pollers")
 
 #: Classid of the per-source session advisory locks: the ASCII bytes "lfpo" as an int4; the
@@ -312,6 +318,17 @@ class Poller:
         mapper: RowMapper | None,
     ) -> _Prepared:
         """Read a page, decide what to take of it, map and check those rows (no PostgreSQL)."""
+        with gc_paused():
+            return self._prepare_page(source, watermark, limit, base_limit, mapper)
+
+    def _prepare_page(
+        self,
+        source: sa.Connection,
+        watermark: Watermark | None,
+        limit: int,
+        base_limit: int,
+        mapper: RowMapper | None,
+    ) -> _Prepared:
         started = time.perf_counter()
         columns, rows = self._fetch(source, watermark, limit)
         if mapper is None or tuple(columns) != mapper.columns:
@@ -350,6 +367,10 @@ class Poller:
         return plain_page(values, limit, base_limit, self.config.max_page_rows)
 
     def _store(self, conn: psycopg.Connection, result: RunResult, prepared: _Prepared) -> None:
+        with gc_paused():
+            self._store_page(conn, result, prepared)
+
+    def _store_page(self, conn: psycopg.Connection, result: RunResult, prepared: _Prepared) -> None:
         started = time.perf_counter()
         mapper, rows, watermark = prepared.mapper, prepared.rows, prepared.page.watermark
         accepted = [o for o in prepared.outcomes if isinstance(o, Accepted)]
