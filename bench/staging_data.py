@@ -69,7 +69,7 @@ SELECT
     CASE WHEN n %% 7 = 0 THEN '2026-double-11' END,
     ((n * 31) %% 2000000) / 100.0,
     (n %% 50)::int,
-    CASE WHEN n %% 3 = 0 THEN %(now)s::timestamptz - make_interval(days => n %% 30) END,
+    CASE WHEN n %% 3 = 0 THEN %(now)s::timestamptz - make_interval(days => (n %% 30)::int) END,
     n %% 9 = 0,
     CASE WHEN n %% 4 = 0 THEN ARRAY['silent', 'high_value'] END,
     CASE WHEN n %% 100 = 42 THEN 'called before' END
@@ -78,7 +78,7 @@ FROM (
            lpad(((c * 7919) %% 100000000)::text, 8, '0') AS d
     FROM (
         SELECT n, CASE WHEN n %% 20 = 10 AND n > 7 THEN n - 7 ELSE n END AS c
-        FROM generate_series(1, %(rows)s) AS n
+        FROM generate_series(1::bigint, %(rows)s) AS n
     ) numbered
 ) customers
 """
@@ -90,13 +90,11 @@ SELECT
     count(*) FILTER (WHERE n %% 100 >= 3 AND n %% 200 = 7),
     count(DISTINCT CASE WHEN n %% 20 = 10 AND n > 7 THEN n - 7 ELSE n END)
         FILTER (WHERE n %% 100 >= 3 AND n %% 200 <> 7)
-FROM generate_series(1, %(rows)s) AS n
+FROM generate_series(1::bigint, %(rows)s) AS n
 """
 
 
-def create(
-    conn: psycopg.Connection[Any], rows: int, now: datetime | None = None
-) -> dict[str, int]:
+def create(conn: psycopg.Connection[Any], rows: int, now: datetime | None = None) -> dict[str, int]:
     """Create and fill the table (its times relative to `now`, default the current time);
     return what loading it must give."""
     conn.execute(_CREATE)
