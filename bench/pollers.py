@@ -12,7 +12,7 @@ flag and a city as attributes. Then the source is run once, to the end, in a chi
 
 The rate is source rows per second between the run's `started_at` and `finished_at` as
 `poller_runs` records them (the database's clock). Beside it: the poller's peak RSS (its own
-high-water mark; a page is what it holds, whatever N), the CPU time per row of the poller, of
+high-water mark; two pages are what it holds, whatever N), the CPU time per row of the poller, of
 PostgreSQL and of MariaDB while it ran, and the load average before and after.
 
 The outcome is checked against the database and the generator: the run succeeded, read N rows
@@ -343,7 +343,7 @@ def show(console: Console, report: dict[str, Any]) -> None:
     table.add_row(
         "poller peak RSS",
         f"{report['peak_rss_mb']:,.0f} MB",
-        f"{details['rss_at_start_mb']:,.0f} MB before the run; bounded by a page, whatever the rows",
+        f"{details['rss_at_start_mb']:,.0f} MB before the run; bounded by the pages in hand",
     )
     table.add_row("pages", f"{details['pages']:,}", f"batch_size {details['batch_size']:,}")
     table.add_row(

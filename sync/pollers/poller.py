@@ -39,7 +39,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta, tzinfo
 from typing import Any
 
@@ -584,21 +584,6 @@ class Poller:
             self._engine.dispose()
             self._engine = None
 
-    def with_spec(self, **changes: Any) -> Poller:
-        """The same poller for a changed source (tests)."""
-        return Poller(
-            replace(self.spec, **changes),
-            self.config,
-            self.connect,
-            self.chain,
-            self.store,
-            self.classifier,
-            clock=self.clock,
-            redact=self.redact,
-            worker=self.worker,
-            rng=self.rng,
-        )
-
 
 # --- the source lock, reset, state ------------------------------------------------------------
 
@@ -613,19 +598,15 @@ def lock_source(
 ) -> bool:
     """Take the source's session lock on `conn` (autocommit); False if another holds it and
     `wait` is false, or `stop` is set while waiting. Closing the connection releases it."""
+    stop = stop or threading.Event()
     while True:
         row = conn.execute(
             "SELECT pg_try_advisory_lock(%s, hashtext(%s))", (LOCK_CLASS, source)
         ).fetchone()
         if row is not None and row[0]:
             return True
-        if not wait or (stop is not None and stop.wait(poll)) or (stop is None and _pause(poll)):
+        if not wait or stop.wait(poll):
             return False
-
-
-def _pause(seconds: float) -> bool:
-    time.sleep(seconds)
-    return False
 
 
 def reset_watermark(conn: psycopg.Connection, source: str, watermark: Watermark | None) -> None:
