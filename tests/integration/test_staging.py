@@ -308,7 +308,7 @@ def test_a_stopped_load_resumes_where_it_stopped_with_no_duplicates(
         chunks += 1
         return chunks >= 2
 
-    first = make_loader(db_url, chunk_rows=500).load_next(after_two_chunks)
+    first = make_loader(db_url, chunk_rows=500, lanes=2).load_next(after_two_chunks)
     assert first is not None
     assert first.state == "loading"
     assert first.chunks == 2
