@@ -582,7 +582,8 @@ def queues(principal: Watchers, context: Context) -> list[QueueView]:
     responses=_errors(),
 )
 async def pipeline(principal: Watchers, context: Context) -> dict[str, Any]:
-    picture = await run_in_threadpool(snapshot, context.engine)
+    specs = context.settings.source_specs()
+    picture = await run_in_threadpool(snapshot, context.engine, specs)
     picture["intake"]["consumer_lag"] = await _consumer_lag(context)
     return picture
 

@@ -283,7 +283,7 @@ def _status_view(settings: Settings, endpoints: Any) -> tuple[Group, bool]:
                 else f"[red]behind head {head}: run leadflow db upgrade[/]",
             )
             if in_step:
-                picture = snapshot(engine)
+                picture = snapshot(engine, settings.source_specs())
         except ServiceUnavailable as exc:
             healthy = False
             servers.add_row(
@@ -393,14 +393,15 @@ def _pipeline_tables(p: dict[str, Any]) -> list[Any]:
     )
     if p["pollers"]:
         pollers = Table(title="stock-data pollers", title_justify="left")
-        for column in ("source", "last run", "outcome", "rows", "failures", "error"):
+        for column in ("source", "state", "last run", "rows", "watermark", "failures", "error"):
             pollers.add_column(column, overflow="fold")
         for x in p["pollers"]:
             pollers.add_row(
-                x["source"],
+                x["name"],
+                x["state"],
                 x["last_run_at"] or "-",
-                x["last_outcome"] or "never run",
                 f"{x['last_rows']:,}",
+                escape(x["watermark"]),
                 str(x["consecutive_failures"]),
                 escape(x["last_error"] or ""),
             )

@@ -14,6 +14,7 @@ agree with each other.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -21,7 +22,9 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
 from leadflow.analytics import merge_histograms, percentile
+from leadflow.db import pipeline_sources
 from schemas.vocab import AGENT_STATUSES, INTAKES
+from sync.pollers import SourceSpec
 
 #: The window of the per-minute intake series and the "last hour" figures.
 WINDOW_MINUTES = 30
@@ -78,11 +81,6 @@ WHERE s.assigned_at >= :since AND s.attempt = 1
 _SLA_EXPIRED = sa.text("""
 SELECT count(*) FROM assignments
 WHERE assigned_at >= :since AND status = 'expired'
-""")
-_POLLERS = sa.text("""
-SELECT source, watermark, last_run_at, last_success_at, last_outcome, last_rows, last_error,
-       consecutive_failures, retry_at, rows_total
-FROM poller_state ORDER BY source
 """)
 _EXTRACTS = sa.text("""
 SELECT id, table_name, state, submitted_by, submitted_at, started_at, finished_at,
@@ -161,8 +159,9 @@ def _stream(conn: Connection, now: datetime) -> dict[str, Any]:
     }
 
 
-def snapshot(engine: Engine) -> dict[str, Any]:
-    """The whole picture, read in one consistent snapshot of the database."""
+def snapshot(engine: Engine, sources: Sequence[SourceSpec] = ()) -> dict[str, Any]:
+    """The whole picture, read in one consistent snapshot of the database (the pollers' view,
+    with the configured `sources` and whether a run holds one now, is read beside it)."""
     with engine.connect() as conn:
         conn = conn.execution_options(isolation_level="REPEATABLE READ")
         with conn.begin():
@@ -217,14 +216,8 @@ def snapshot(engine: Engine) -> dict[str, Any]:
                     "contact_p90_seconds": _seconds(speed.contact, 1),
                 },
                 "pollers": [
-                    {
-                        **dict(row._mapping),
-                        **{
-                            key: _iso(row._mapping[key])
-                            for key in ("last_run_at", "last_success_at", "retry_at")
-                        },
-                    }
-                    for row in conn.execute(_POLLERS)
+                    {key: _iso(v) if isinstance(v, datetime) else v for key, v in entry.items()}
+                    for entry in pipeline_sources(engine, sources, now)
                 ],
                 "extracts": [
                     {

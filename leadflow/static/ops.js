@@ -59,12 +59,6 @@ function age(seconds) {
   return `${(seconds / 3600).toFixed(1)} h`;
 }
 
-function watermark(value) {
-  if (value === null || value === undefined) return "–";
-  const shown = typeof value === "object" && "value" in value ? value.value : value;
-  return typeof shown === "string" ? shown : JSON.stringify(shown);
-}
-
 function time(iso) { return iso ? new Date(iso).toLocaleTimeString() : "–"; }
 
 function render(p) {
@@ -108,8 +102,8 @@ function render(p) {
     { plugins: { legend: { display: false } } });
 
   rows("queues", p.queues, (q) => [q.queue, q.waiting, q.due, age(q.oldest_seconds), q.open, q.sla_breached]);
-  rows("pollers", p.pollers, (x) => [x.source, time(x.last_run_at), x.last_outcome || "never run",
-    x.last_rows, watermark(x.watermark), x.consecutive_failures, x.last_error || ""]);
+  rows("pollers", p.pollers, (x) => [x.name, time(x.last_run_at), x.state,
+    x.last_rows, x.watermark, x.consecutive_failures, x.last_error || ""]);
   rows("extracts", p.extracts, (e) => {
     const done = e.rows_loaded + e.rows_merged + e.rows_rejected;
     const share = e.rows_total ? `${Math.round((100 * done) / e.rows_total)}%` : "–";

@@ -332,6 +332,15 @@ async def test_the_pipeline_agrees_with_what_happened(api: Api) -> None:
     assert body["sla"] == {"open_breached": 0, "expired_in_window": 0}
     assert body["pollers"] == []
     assert body["extracts"] == []
+    with psycopg.connect(api.db_url, autocommit=True) as conn:
+        conn.execute(
+            "INSERT INTO poller_state (source, consecutive_failures, last_error, last_run_at)"
+            " VALUES ('dwh', 2, 'connection refused', now())"
+        )
+    body = (await api.client.get("/api/v1/pipeline", headers=api.auth("supervisor"))).json()
+    [poller] = body["pollers"]
+    assert (poller["name"], poller["state"], poller["configured"]) == ("dwh", "failing", False)
+    assert poller["last_error"] == "connection refused"
     lag = body["intake"]["consumer_lag"]  # this app's broker address answers nothing
     assert lag["total"] is None
     assert "Cannot reach the Kafka broker" in lag["error"]
