@@ -5,7 +5,8 @@ temporary directory and migrated; `bench.staging_data` fills a staging table wit
 realistic dirt (default 1,000,000: 3% bad phones, 5% repeated customers, NULLs, over-long names,
 extra columns) and the extract is submitted as the data team would. Then the real loader
 (`leadflow.stack.staging_loader`, the demo rules, default settings) runs in a child process
-until the extract is `loaded`.
+until the extract is `loaded`: two loader processes by default (`--loaders`), sharing the
+extract by lanes as several `leadflow run staging` would.
 
 The rate is rows per second between the extract's `started_at` and `finished_at` as the manifest
 records them (the database's clock: the claim, the count, every chunk, the last commit). Beside
@@ -45,6 +46,7 @@ from schemas import migrate
 from sync.staging import Submission, submit
 
 DEFAULT_ROWS = 1_000_000
+DEFAULT_LOADERS = 2  # the cores of the machine the goal is set for
 GOALS = {"rows_rate": 50_000}
 
 
@@ -129,6 +131,7 @@ def _measure(
     servers: EmbeddedServers,
     rows: int,
     chunk_rows: int | None,
+    loaders: int,
     phases: _Phases,
     work_dir: Path,
 ) -> dict[str, Any]:
@@ -143,25 +146,34 @@ def _measure(
     phases.log(f"{rows:,} rows in staging.{staging_data.TABLE} in {create_seconds:.1f} s")
 
     load_before = os.getloadavg()
-    command = [sys.executable, "-m", "bench.staging_worker", "--database-url", url]
+    command = [
+        sys.executable, "-m", "bench.staging_worker", "--database-url", url,
+        "--lanes", str(loaders),
+    ]  # fmt: skip
     if chunk_rows is not None:
         command += ["--chunk-rows", str(chunk_rows)]
-    log_path = work_dir / "staging-worker.log"
     assert servers.postgres is not None
     assert servers.postgres.pid is not None
-    with open(log_path, "wb") as log:
-        child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log)
-    said: dict[str, Any] = {}
+    children: list[subprocess.Popen[bytes]] = []
+    logs = [work_dir / f"staging-worker-{n}.log" for n in range(loaders)]
+    said: list[dict[str, Any]] = []
     try:
-        assert child.stdout is not None
-        said.update(json.loads(child.stdout.readline() or "{}"))
-        if "started" not in said:
-            raise BenchFailed(f"the loader did not start; see {log_path}")
+        for log_path in logs:
+            with open(log_path, "wb") as log:
+                children.append(subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log))
+        for child, log_path in zip(children, logs, strict=True):
+            assert child.stdout is not None
+            said.append(json.loads(child.stdout.readline() or "{}"))
+            if "started" not in said[-1]:
+                raise BenchFailed(f"a loader did not start; see {log_path}")
         processes = Processes(
-            {"postgres": (servers.postgres.pid, True), "loader": (child.pid, False)}
+            {
+                "postgres": (servers.postgres.pid, True),
+                **{f"loader {n + 1}": (child.pid, False) for n, child in enumerate(children)},
+            }
         )
         cpu_start = processes.cpu_seconds()
-        task = phases.add("loading the extract", rows)
+        task = phases.add(f"loading the extract ({loaders} loaders)", rows)
         cpu_end: dict[str, float] = {}
         while True:
             state, done, _, error = _progress(url)
@@ -169,19 +181,23 @@ def _measure(
             if state in ("loaded", "failed"):
                 cpu_end = processes.cpu_seconds()
                 break
-            if child.poll() is not None:
-                raise BenchFailed(
-                    f"the loader exited with code {child.returncode} at {done:,} rows; "
-                    f"see {log_path}: {log_path.read_text()[-2000:]}"
-                )
+            for child, log_path in zip(children, logs, strict=True):
+                if child.poll() is not None:
+                    raise BenchFailed(
+                        f"a loader exited with code {child.returncode} at {done:,} rows; "
+                        f"see {log_path}: {log_path.read_text()[-2000:]}"
+                    )
             time.sleep(0.05)
-        said.update(json.loads(child.stdout.readline() or "{}"))
-        if child.wait(60) != 0 or "peak_rss_bytes" not in said:
-            raise BenchFailed(f"the loader did not finish cleanly; see {log_path}")
+        for n, child in enumerate(children):
+            assert child.stdout is not None
+            said[n].update(json.loads(child.stdout.readline() or "{}"))
+            if child.wait(60) != 0 or "peak_rss_bytes" not in said[n]:
+                raise BenchFailed(f"a loader did not finish cleanly; see {logs[n]}")
     finally:
-        if child.poll() is None:
-            child.kill()
-            child.wait()
+        for child in children:
+            if child.poll() is None:
+                child.kill()
+                child.wait()
     load_after = os.getloadavg()
     if state == "failed":
         raise BenchFailed(f"the extract failed: {error}")
@@ -195,7 +211,7 @@ def _measure(
         "scenario": "staging",
         "rows": rows,
         "rows_rate": round(rows / seconds),
-        "peak_rss_mb": round(said["peak_rss_bytes"] / 2**20, 1),
+        "peak_rss_mb": round(max(s["peak_rss_bytes"] for s in said) / 2**20, 1),
         "details": {
             "seconds": round(seconds, 3),
             "timed_from": "the extract's started_at to its finished_at (the manifest)",
@@ -207,7 +223,10 @@ def _measure(
             "load_average_before": [round(v, 2) for v in load_before],
             "load_average_after": [round(v, 2) for v in load_after],
             "create_seconds": round(create_seconds, 3),
-            "loader_chunks": sum(r["chunks"] for r in said.get("results", [])),
+            "loaders": loaders,
+            "lanes": loaders,
+            "loader_chunks": sum(r["chunks"] for s in said for r in s.get("results", [])),
+            "loader_lanes": [s.get("results", []) for s in said],
             "expected": expected,
             "outcome": outcome,
             "verified": True,
@@ -223,8 +242,11 @@ def run(
     console: Console | None = None,
     *,
     chunk_rows: int | None = None,
+    loaders: int = DEFAULT_LOADERS,
 ) -> dict[str, Any]:
-    """Start the server, measure, verify, clean up; write the JSON report and return it."""
+    """Start the server, measure, verify, clean up; write the JSON report and return it.
+
+    `loaders` loader processes share the extract, one lane each (`staging.lanes`)."""
     console = console or Console()
     work_dir = Path(tempfile.mkdtemp(prefix="leadflow-bench-staging-"))
     phases = _Phases(console)
@@ -237,7 +259,9 @@ def run(
             ) as servers:
                 assert servers.database_url is not None
                 migrate.upgrade(servers.database_url)
-                report = _measure(servers.database_url, servers, rows, chunk_rows, phases, work_dir)
+                report = _measure(
+                    servers.database_url, servers, rows, chunk_rows, loaders, phases, work_dir
+                )
     finally:
         with contextlib.suppress(OSError):
             shutil.rmtree(work_dir, ignore_errors=True)

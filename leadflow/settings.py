@@ -439,8 +439,8 @@ class StagingSettings(_Section):
         default=1,
         ge=1,
         le=8,
-        description="Writers storing each chunk at once, each with its own share of the customers "
-        "(threads: they help where PostgreSQL, not this process, is the bottleneck).",
+        description="Lanes of a new extract: loaders (`leadflow run staging` processes) that can "
+        "load it at once, each its own share of the customers; one loader loads them in turn.",
     )
     poll_interval: Duration = Field(
         default=timedelta(seconds=5),

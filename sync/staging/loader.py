@@ -13,9 +13,16 @@ one whose loader died (`manifest.claim`) — and loads it to the end, one chunk 
 3. map the rows (`sync.staging.rows`), run the shared intake chain (intake `staging`, the
    extract's hints), store the accepted leads with `LeadStore.write_in`, COPY the rejects into
    `staging.extract_rejects`;
-4. advance the counters and the checkpoint (the next page) in the manifest — all in the chunk's
-   transaction, so a crash or SIGTERM anywhere resumes at the first uncommitted chunk, and
+4. advance the counters and the checkpoint (the lane's next page) in the manifest — all in the
+   chunk's transaction, so a crash or SIGTERM anywhere resumes at the first uncommitted chunk, and
    the rows' deterministic event ids make any replay a no-op.
+
+Lanes: an extract started with `lanes` > 1 is loaded by that many loaders at once (separate
+processes: `leadflow run staging` several times), each claiming one lane with its own advisory
+lock and storing the rows of its share of the customers (a stable hash of the normalised phone)
+with its own checkpoint; the last lane done marks the extract loaded. One customer's rows stay
+in order in one lane, so the outcome is the one a single loader gives. One loader alone loads
+the lanes one after the other.
 
 Counts, per row: `loaded` made a new lead; `merged` joined an existing lead (an open lead of
 the customer in that business line, an earlier row of the same extract included) or was
@@ -55,6 +62,7 @@ from psycopg.types.json import Jsonb
 from ingest import metrics as intake_metrics
 from ingest.chain import Accepted, IntakeChain, Outcome, Rejected
 from ingest.consumer import Backoff
+from ingest.phones import InvalidPhone
 from ingest.store import Classifier, LeadStore
 from schemas.lead import Hints
 from sync.staging import metrics
@@ -76,6 +84,9 @@ from sync.staging.rows import EventDefaults, RowMapper, event_id_prefix
 
 log = structlog.stdlib.get_logger("leadflow.staging")
 
+#: How soon to claim again after passing by an extract another loader was claiming.
+CONTENDED_RETRY = 0.2
+
 #: Errors after which the same work may succeed: back off, reconnect, resume.
 TRANSIENT = (
     psycopg.OperationalError,
@@ -90,7 +101,7 @@ TRANSIENT = (
 class LoaderConfig:
     schema: str = "staging"
     chunk_rows: int = 20_000
-    #: Writers storing each chunk at once, each taking its own share of the customers.
+    #: Lanes of a new extract: loaders that can load it at once, each its share of customers.
     lanes: int = 1
     poll_interval: timedelta = timedelta(seconds=5)
     retry_backoff_max: timedelta = timedelta(seconds=30)
@@ -123,9 +134,13 @@ SET rows_loaded = rows_loaded + %(loaded)s,
         '{duplicates}', to_jsonb((checkpoint->>'duplicates')::bigint + %(duplicates)s))
 WHERE id = %(id)s
 """
+# Loaded once no lane is left; the loader checks the counts add up before it commits.
 _FINISH = """
 UPDATE staging.extracts SET state = 'loaded', finished_at = now()
 WHERE id = %s AND state = 'loading'
+  AND NOT EXISTS (
+      SELECT FROM jsonb_array_elements(checkpoint->'lanes') AS lane
+      WHERE (lane->>'next_block')::bigint < (checkpoint->>'blocks')::bigint)
 RETURNING rows_loaded, rows_merged, rows_rejected, rows_total
 """
 _IDENTITY = """
@@ -159,8 +174,8 @@ class StagingLoader:
         self.classifier = classifier
         self._conn: psycopg.Connection[Any] | None = None  # claims, locks, writes
         self._read: psycopg.Connection[Any] | None = None  # reads staging tables
-        self._writers: dict[int, psycopg.Connection[Any]] = {}  # one per lane
         self.loads = 0
+        self.contended = False  # the last claim passed by an extract another loader held
 
     # -- the loop ------------------------------------------------------------------------------
 
@@ -191,7 +206,10 @@ class StagingLoader:
                     await _wait_any(stop, None, delay)
                     continue
                 if result is None:  # nothing to load: wait for a submission or the poll
-                    await _wait_any(stop, wake, self.config.poll_interval.total_seconds())
+                    seconds = self.config.poll_interval.total_seconds()
+                    if self.contended:  # another loader was claiming: a lane may be free soon
+                        seconds = min(seconds, CONTENDED_RETRY)
+                    await _wait_any(stop, wake, seconds)
         finally:
             if listener is not None:
                 listener.cancel()
@@ -219,17 +237,24 @@ class StagingLoader:
     # -- one extract -----------------------------------------------------------------------------
 
     def load_next(self, stopping: Callable[[], bool] = lambda: False) -> LoadResult | None:
-        """Claim one extract and load it to its end (or until `stopping()`); None if there was
-        nothing to claim. Synchronous; raises TRANSIENT errors, after which the extract stays
-        `loading` and is resumed by whichever loader claims it next."""
+        """Claim one lane of an extract and load it to its end (or until `stopping()`); None if
+        there was nothing to claim. Synchronous; raises TRANSIENT errors, after which the lane
+        is resumed by whichever loader claims it next."""
         conn = self._connection()
         self._refresh_gauge(conn)
-        extract = claim(conn)
-        if extract is None:
+        busy: list[int] = []
+        claimed = claim(conn, self.config.lanes, busy)
+        self.contended = bool(busy)
+        if claimed is None:
             return None
+        extract, lane = claimed
         self.loads += 1
         try:
-            result = self._load(conn, extract, stopping)
+            if lane < 0:  # every lane done; its last loader died before finishing the extract
+                result = LoadResult(extract.id, "loading")
+                result.state = self._finish(conn, extract)
+            else:
+                result = self._load(conn, extract, lane, stopping)
         except ExtractFailed as exc:
             result = LoadResult(extract.id, "failed", error=str(exc))
             self._fail(conn, extract, str(exc))
@@ -243,7 +268,7 @@ class StagingLoader:
         finally:
             if not conn.closed:
                 with contextlib.suppress(psycopg.Error):
-                    release(conn, extract.id)
+                    release(conn, extract.id, lane)
         self._refresh_gauge(conn)
         return result
 
@@ -265,8 +290,9 @@ class StagingLoader:
         try:
             with conn.transaction():
                 info = inspect_table(conn, config.schema, extract.table_name)
-                checkpoint = extract.checkpoint
-                if checkpoint is None:
+                fresh = None
+                rows_total = None
+                if extract.checkpoint is None:
                     row = conn.execute(
                         sql.SQL("SELECT count(*) FROM {} WHERE ctid < %s::tid").format(
                             qualified(config.schema, extract.table_name)
@@ -275,82 +301,73 @@ class StagingLoader:
                     ).fetchone()
                     rows_total = int(row[0]) if row else 0
                     rows_per_block = max(1.0, rows_total / info.blocks) if info.blocks else 1.0
-                    checkpoint = {
+                    fresh = {
                         "relid": info.relid,
                         "filenode": info.filenode,
                         "blocks": info.blocks,
-                        # Fixed for the extract's life, so that a resumed load cuts the same
-                        # chunks and sends each customer to the same lane.
+                        # Fixed for the extract's life, so that a resumed lane cuts the same
+                        # chunks and every loader sends a customer to the same lane.
                         "chunk_blocks": max(1, round(config.chunk_rows / rows_per_block)),
                         "lanes": [{"next_block": 0, "next_row": 1}] * config.lanes,
                         "duplicates": 0,
                     }
-                else:
-                    rows_total = extract.rows_total
-                    _same_table(checkpoint, info, f"{config.schema}.{extract.table_name}")
-                start(conn, extract.id, config.worker, rows_total, checkpoint)
+                rows_total, checkpoint = start(conn, extract.id, config.worker, rows_total, fresh)
+                _same_table(checkpoint, info, f"{config.schema}.{extract.table_name}")
         except TableRefused as exc:
             raise ExtractFailed(str(exc)) from None
+        return info, checkpoint, rows_total
+
+    def _load(
+        self,
+        conn: psycopg.Connection[Any],
+        extract: Extract,
+        lane: int,
+        stopping: Callable[[], bool],
+    ) -> LoadResult:
+        info, checkpoint, rows_total = self._begin(conn, extract)
+        result = LoadResult(extract.id, "loading")
+        lanes = len(checkpoint["lanes"])
+        if lane >= lanes:  # claimed before another loader started the extract with fewer lanes
+            return result
         log.info(
             "loading extract" if extract.checkpoint is None else "resuming extract",
             extract=extract.id,
             table=extract.table_name,
+            lane=f"{lane + 1} of {lanes}",
             rows_total=rows_total,
-            next_block=min(lane["next_block"] for lane in checkpoint["lanes"]),
+            next_block=checkpoint["lanes"][lane]["next_block"],
             blocks=checkpoint["blocks"],
-            lanes=len(checkpoint["lanes"]),
         )
-        return info, dict(checkpoint), rows_total
-
-    def _load(
-        self, conn: psycopg.Connection[Any], extract: Extract, stopping: Callable[[], bool]
-    ) -> LoadResult:
-        info, checkpoint, rows_total = self._begin(conn, extract)
-        lanes = [dict(lane) for lane in checkpoint["lanes"]]
-        reader = _Reader(self, extract, info, checkpoint, rows_total)
-        result = LoadResult(extract.id, "loading")
+        reader = _Reader(self, extract, info, checkpoint, lane)
         # The next chunk is read and run through the chain in a thread while this one is
-        # stored, by `lanes` writers at once, each on its own connection and its own share of
-        # the customers: PostgreSQL storing and Python preparing keep both cores busy.
-        with (
-            ThreadPoolExecutor(1, thread_name_prefix="staging-read") as read_pool,
-            ThreadPoolExecutor(len(lanes), thread_name_prefix="staging-lane") as lane_pool,
-        ):
-            ahead = read_pool.submit(reader.next) if reader.more else None
+        # stored: Python preparing one chunk while PostgreSQL stores the other.
+        with ThreadPoolExecutor(1, thread_name_prefix="staging-read") as pool:
+            ahead = pool.submit(reader.next) if reader.more else None
             while ahead is not None:
                 chunk = ahead.result()
-                ahead = read_pool.submit(reader.next) if reader.more else None
-                parts = _split(chunk, len(lanes))
-                writing = [
-                    lane_pool.submit(self._store, n, extract, chunk, parts[n])
-                    for n, lane in enumerate(lanes)
-                    if chunk.end > lane["next_block"]
-                ]
-                for future in writing:
-                    future.result()
-                # The collector is paused while chunks are in hand, nearly all the time during a
-                # load: collect the young generations once a chunk, so that cyclic garbage (of
-                # any role in this process) stays bounded however long the extract.
+                ahead = pool.submit(reader.next) if reader.more else None
+                self._store(conn, extract, lane, chunk)
+                # The collector is paused while chunks are in hand, nearly all the time during
+                # a load: collect the young generations once a chunk, so that cyclic garbage
+                # (of any role in this process) stays bounded however long the extract.
                 gc.collect(1)
-                for lane in lanes:
-                    lane["next_block"] = max(lane["next_block"], chunk.end)
                 result.chunks += 1
-                result.rows += len(chunk.rows)
+                result.rows += len(chunk.outcomes)
                 if ahead is not None and stopping():
                     log.info("staging load paused", extract=extract.id, next_block=chunk.end)
                     return result
-        self._finish(conn, extract, reader.where)
-        result.state = "loaded"
+        result.state = self._finish(conn, extract)
         return result
 
-    def _store(self, lane: int, extract: Extract, chunk: _Chunk, outcomes: list[Outcome]) -> None:
-        """One lane's share of a chunk — leads, rejects, the lane's checkpoint and the extract's
-        counters — in one transaction on the lane's connection."""
+    def _store(
+        self, conn: psycopg.Connection[Any], extract: Extract, lane: int, chunk: _Chunk
+    ) -> None:
+        """A lane's share of a chunk — leads, rejects, the lane's checkpoint and the extract's
+        counters — in one transaction."""
         classify = self.classifier()
-        conn = self._writer(lane)
         with _gc_paused(), conn.transaction(), conn.cursor() as cur:
-            accepted = [o for o in outcomes if isinstance(o, Accepted)]
-            rejected = [o for o in outcomes if isinstance(o, Rejected)]
+            accepted = [o for o in chunk.outcomes if isinstance(o, Accepted)]
+            rejected = [o for o in chunk.outcomes if isinstance(o, Rejected)]
             stored = self.store.write_in(cur, accepted, classify)
             if rejected:
                 with cur.copy(_REJECTS_COPY) as copy:
@@ -375,16 +392,22 @@ class StagingLoader:
                 },
             )
         self._count(
-            len(outcomes), new, merged, duplicate, rejected, time.perf_counter() - chunk.started
+            len(chunk.outcomes),
+            new,
+            merged,
+            duplicate,
+            rejected,
+            time.perf_counter() - chunk.started,
         )
 
-    def _finish(self, conn: psycopg.Connection[Any], extract: Extract, where: str) -> None:
+    def _finish(self, conn: psycopg.Connection[Any], extract: Extract) -> str:
+        """Mark the extract loaded once every lane is done and every row accounted for; the
+        state it is in afterwards (`loading` while other lanes still load)."""
+        where = f"{self.config.schema}.{extract.table_name}"
         with conn.transaction():
             row = conn.execute(_FINISH, (extract.id,)).fetchone()
         if row is None:
-            raise ExtractFailed(
-                f"{where} changed while loading; submit it again once it is complete"
-            )
+            return "loading"
         loaded, merged, rejected, total = row
         if loaded + merged + rejected != total:
             raise ExtractFailed(
@@ -400,6 +423,7 @@ class StagingLoader:
             merged=merged,
             rejected=rejected,
         )
+        return "loaded"
 
     @staticmethod
     def _count(
@@ -431,12 +455,6 @@ class StagingLoader:
         """Close the connections (`run` does on its way out); a later load reconnects."""
         self._drop_connection()
 
-    def _writer(self, lane: int) -> psycopg.Connection[Any]:
-        conn = self._writers.get(lane)
-        if conn is None or conn.closed:
-            conn = self._writers[lane] = self._open()
-        return conn
-
     def _read_connection(self) -> psycopg.Connection[Any]:
         if self._read is None or self._read.closed:
             self._read = self._open()
@@ -455,12 +473,11 @@ class StagingLoader:
         return conn
 
     def _drop_connection(self) -> None:
-        for conn in (self._conn, self._read, *self._writers.values()):
+        for conn in (self._conn, self._read):
             if conn is not None:
                 with contextlib.suppress(Exception):
                     conn.close()
         self._conn = self._read = None
-        self._writers.clear()
 
 
 @dataclass
@@ -468,10 +485,9 @@ class _Chunk:
     first: int  # pages [first, end)
     end: int
     first_row: int  # row number of rows[0]
-    rows: list[Any]
-    outcomes: list[Outcome]
+    rows: list[Any]  # every row of the pages, whichever lane it belongs to
+    outcomes: list[Outcome]  # of this lane's rows
     mapper: RowMapper
-    where: str
     started: float
 
     @property
@@ -479,25 +495,15 @@ class _Chunk:
         return self.first_row + len(self.rows)
 
 
-def _split(chunk: _Chunk, lanes: int) -> list[list[Outcome]]:
-    """Each lane's share of a chunk: accepted rows by their customer's phone (a stable hash:
-    the same customer, the same lane, in every process and after every restart, so a
-    customer's rows keep their order and lanes never wait for each other's customers);
-    rejected rows to lane 0."""
-    parts: list[list[Outcome]] = [[] for _ in range(lanes)]
-    for outcome in chunk.outcomes:
-        if lanes > 1 and isinstance(outcome, Accepted):
-            parts[zlib.crc32(outcome.lead.phone.encode()) % lanes].append(outcome)
-        else:
-            parts[0].append(outcome)
-    return parts
-
-
 class _Reader:
-    """Reads an extract's chunks in order on the loader's read connection, each in its own
-    transaction under LOCK TABLE, and runs them through the chain. It starts at the lane that
-    is furthest behind; chunks are cut at multiples of the extract's `chunk_blocks`, so every
-    lane's checkpoint falls on a chunk boundary."""
+    """Reads an extract's chunks for one lane, in order, on the loader's read connection, each
+    in its own transaction under LOCK TABLE, and runs the lane's rows through the chain.
+
+    Lanes split the customers, not the pages: every lane reads every page, and keeps the rows
+    whose phone hashes to it (a stable hash of the normalised phone: the same customer, the
+    same lane, in every process and after every restart; rows with no usable phone go to lane
+    0). So one customer's rows are stored in order by one loader, and any number of loaders
+    give the result one gives. Chunks are cut at multiples of the extract's `chunk_blocks`."""
 
     def __init__(
         self,
@@ -505,17 +511,19 @@ class _Reader:
         extract: Extract,
         info: TableInfo,
         checkpoint: dict[str, Any],
-        rows_total: int,
+        lane: int,
     ) -> None:
         config = loader.config
-        self.loader, self.checkpoint = loader, checkpoint
+        self.loader, self.checkpoint, self.lane = loader, checkpoint, lane
+        self.lanes = len(checkpoint["lanes"])
         self.schema, self.table_name = config.schema, extract.table_name
         self.where = f"{config.schema}.{extract.table_name}"
         self.blocks = int(checkpoint["blocks"])
-        behind = min(checkpoint["lanes"], key=lambda lane: int(lane["next_block"]))
-        self.next_block = int(behind["next_block"])
-        self.next_row = int(behind["next_row"])
+        position = checkpoint["lanes"][lane]
+        self.next_block = int(position["next_block"])
+        self.next_row = int(position["next_row"])
         self.chunk_blocks = int(checkpoint["chunk_blocks"])
+        self.phone = info.columns.index("phone") + 1  # in a selected row, after the ctid
         table = qualified(config.schema, extract.table_name)
         self.select = sql.SQL(
             "SELECT ctid, {} FROM {} WHERE ctid >= %s::tid AND ctid < %s::tid ORDER BY ctid"
@@ -540,12 +548,19 @@ class _Reader:
     def more(self) -> bool:
         return self.next_block < self.blocks
 
+    def _lane_of(self, phone: Any) -> int:
+        if phone is None:
+            return 0
+        try:
+            e164 = self.loader.chain.phones.normalise(str(phone).strip())
+        except (InvalidPhone, ValueError):
+            return 0
+        return zlib.crc32(e164.e164.encode()) % self.lanes
+
     def next(self) -> _Chunk:
         started = time.perf_counter()
         first = self.next_block
         end = min(self.blocks, first + self.chunk_blocks)
-        assert first < end
-        rows: list[Any] = []
         conn = self.loader._read_connection()
         with _gc_paused():
             with conn.transaction(), conn.cursor() as cur:
@@ -563,10 +578,14 @@ class _Reader:
                     self.where,
                 )
                 rows = cur.execute(self.select, (f"({first},0)", f"({end},0)")).fetchall()
+            numbered = enumerate(rows, self.next_row)
+            if self.lanes > 1:
+                phone, lane = self.phone, self.lane
+                numbered = ((n, row) for n, row in numbered if self._lane_of(row[phone]) == lane)  # type: ignore[assignment]
             outcomes = self.loader.chain.process_objects(
-                self.mapper.records(rows, self.next_row), "staging", self.hints
+                self.mapper.records(numbered), "staging", self.hints
             )
-        chunk = _Chunk(first, end, self.next_row, rows, outcomes, self.mapper, self.where, started)
+        chunk = _Chunk(first, end, self.next_row, rows, outcomes, self.mapper, started)
         self.next_block = end
         self.next_row += len(rows)
         return chunk

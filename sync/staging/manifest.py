@@ -7,10 +7,11 @@ table: reading those could run code or reach elsewhere) in the configured stagin
 not one of leadflow's own manifest tables, and has a `phone` column.
 
 Claiming: a loader takes the extract's row lock (`FOR UPDATE SKIP LOCKED`, so concurrent
-claims pass each other by) and then a session advisory lock on the extract
-(`EXTRACT_LOCK_CLASS`, id), held on its connection for as long as it loads. A `loading`
-extract whose advisory lock is free lost its loader (killed, disconnected: PostgreSQL releases
-the lock with the session) and is taken over from its checkpoint.
+claims pass each other by) and then a session advisory lock on one of the extract's lanes
+(`EXTRACT_LOCK_CLASS + lane`, id), held on its connection for as long as it loads that lane.
+A lane still to load whose advisory lock is free lost its loader (killed, disconnected:
+PostgreSQL releases the lock with the session), or never had one, and is taken over from its
+checkpoint.
 """
 
 from __future__ import annotations
@@ -216,31 +217,69 @@ _CANDIDATES = (
 _LOCK_ROW = _SELECT + "WHERE id = %s AND state IN ('pending', 'loading') FOR UPDATE SKIP LOCKED"
 
 
-def claim(conn: psycopg.Connection[Any]) -> Extract | None:
-    """The oldest pending extract, or a loading one whose loader is gone, now locked by this
-    session (release with `release`); None when there is nothing to take."""
+def lanes_left(extract: Extract) -> list[int] | None:
+    """The lanes of a started extract still to load (None: not started, any lane count)."""
+    if extract.checkpoint is None:
+        return None
+    blocks = int(extract.checkpoint["blocks"])
+    return [
+        n for n, lane in enumerate(extract.checkpoint["lanes"]) if int(lane["next_block"]) < blocks
+    ]
+
+
+def claim(
+    conn: psycopg.Connection[Any], lanes: int, busy: list[int] | None = None
+) -> tuple[Extract, int] | None:
+    """The oldest extract with a lane nobody loads — a pending one (lane 0; a new extract gets
+    `lanes` lanes), a lane still to load, or a lane whose loader is gone — now locked by this
+    session (release with `release`); None when there is nothing to take. A started extract
+    whose lanes are all done (its finishing loader died) comes back as lane -1: only to be
+    finished. The ids of extracts another loader was claiming at that moment go to `busy`:
+    one of their lanes may be free in a moment."""
     for (extract_id,) in conn.execute(_CANDIDATES).fetchall():
         with conn.transaction():
             row = conn.execute(_LOCK_ROW, (extract_id,)).fetchone()
             if row is None:  # another loader is claiming it, or it just finished
+                if busy is not None:
+                    busy.append(extract_id)
                 continue
-            locked = conn.execute(
-                "SELECT pg_try_advisory_lock(%s, %s)", (EXTRACT_LOCK_CLASS, extract_id)
-            ).fetchone()
-            if locked is not None and locked[0]:
-                return Extract(*row)
+            extract = Extract(*row)
+            left = lanes_left(extract)
+            if left == []:
+                if _try_lock(conn, extract_id, 0):
+                    return extract, -1
+                continue
+            for lane in left if left is not None else range(lanes):
+                if _try_lock(conn, extract_id, lane):
+                    return extract, lane
     return None
 
 
-def release(conn: psycopg.Connection[Any], extract_id: int) -> None:
-    conn.execute("SELECT pg_advisory_unlock(%s, %s)", (EXTRACT_LOCK_CLASS, extract_id))
+def _try_lock(conn: psycopg.Connection[Any], extract_id: int, lane: int) -> bool:
+    locked = conn.execute(
+        "SELECT pg_try_advisory_lock(%s, %s)", (EXTRACT_LOCK_CLASS + lane, extract_id)
+    ).fetchone()
+    return bool(locked is not None and locked[0])
 
 
+def release(conn: psycopg.Connection[Any], extract_id: int, lane: int) -> None:
+    conn.execute(
+        "SELECT pg_advisory_unlock(%s, %s)", (EXTRACT_LOCK_CLASS + max(lane, 0), extract_id)
+    )
+
+
+# The first loader of an extract records its start; a loader of another lane that raced it
+# finds the checkpoint set (no row returned) and takes that one.
 _START = """
 UPDATE staging.extracts
 SET state = 'loading', started_at = coalesce(started_at, now()), worker = %s,
     rows_total = %s, checkpoint = %s, error = NULL
-WHERE id = %s
+WHERE id = %s AND checkpoint IS NULL
+RETURNING rows_total, checkpoint
+"""
+_RESUME = """
+UPDATE staging.extracts SET state = 'loading', worker = %s WHERE id = %s
+RETURNING rows_total, checkpoint
 """
 _FAIL = """
 UPDATE staging.extracts
@@ -253,10 +292,17 @@ def start(
     conn: psycopg.Connection[Any],
     extract_id: int,
     worker: str,
-    rows_total: int,
-    checkpoint: dict[str, Any],
-) -> None:
-    conn.execute(_START, (worker, rows_total, Jsonb(checkpoint), extract_id))
+    rows_total: int | None,
+    checkpoint: dict[str, Any] | None,
+) -> tuple[int, dict[str, Any]]:
+    """Record a (first) start, or a takeover; return the extract's rows_total and checkpoint."""
+    row = None
+    if checkpoint is not None:
+        row = conn.execute(_START, (worker, rows_total, Jsonb(checkpoint), extract_id)).fetchone()
+    if row is None:
+        row = conn.execute(_RESUME, (worker, extract_id)).fetchone()
+    assert row is not None
+    return int(row[0]), dict(row[1])
 
 
 def fail(conn: psycopg.Connection[Any], extract_id: int, error: str, worker: str) -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime, time, timedelta, tzinfo
 from decimal import Decimal
@@ -167,7 +167,7 @@ class RowMapper:
         return {name: jsonable(row[i + 1]) for i, name in enumerate(self.columns)}
 
     def records(
-        self, rows: Sequence[Sequence[Any]], first_row: int
+        self, numbered: Iterable[tuple[int, Sequence[Any]]]
     ) -> list[tuple[Record, Mapping[str, Any]]]:
-        """(Record, event) per row, numbered from `first_row`."""
-        return [(Record(None, row=first_row + n), self.event(row)) for n, row in enumerate(rows)]
+        """(Record, event) per (row number, row)."""
+        return [(Record(None, row=n), self.event(row)) for n, row in numbered]

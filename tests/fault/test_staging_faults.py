@@ -1,7 +1,8 @@
-"""Fault test of the staging loader (DESIGN.md, "Reliability"): the real `leadflow run staging`
-(with two lanes) is killed with SIGKILL three times mid-load and restarted each time; the final
-state — extract counters, rejects, customers, leads, events, audit trail — is identical to an
-uninterrupted load of the same table into another database by one lane."""
+"""Fault test of the staging loader (DESIGN.md, "Reliability"): two real `leadflow run staging`
+processes share an extract by lanes and are killed with SIGKILL mid-load — one, the other, then
+both — and restarted each time; the final state — extract counters, rejects, customers, leads,
+events, audit trail — is identical to an uninterrupted load of the same table into another
+database by one loader with one lane."""
 
 from __future__ import annotations
 
@@ -120,7 +121,7 @@ def role_env(db_url: str, bootstrap: str) -> dict[str, str]:
         LEADFLOW_TOPICS_DLQ=f"fault.dlq.{suffix}",
         LEADFLOW_TOPICS_ASSIGNED=f"fault.assigned.{suffix}",
         LEADFLOW_STAGING_CHUNK_ROWS=str(CHUNK_ROWS),
-        LEADFLOW_STAGING_LANES="2",  # the reference load has one: lanes change nothing
+        LEADFLOW_STAGING_LANES="2",  # the reference load has one lane: lanes change nothing
         LEADFLOW_STAGING_POLL_INTERVAL="0.5s",
         LEADFLOW_LOG_LEVEL="WARNING",
         PYTHONWARNINGS="ignore",
@@ -145,24 +146,34 @@ def test_kill_9_mid_load_and_restart_ends_as_an_uninterrupted_load(
     assert result is not None
     assert result.state == "loaded"
 
-    role = RoleProcess("staging", role_env(db_url, kafka_bootstrap), tmp_path / "staging.log")
-    for kill, share in enumerate((0.15, 0.45, 0.75), 1):
+    env = role_env(db_url, kafka_bootstrap)
+    roles = [RoleProcess("staging", env, tmp_path / f"staging-{n}.log") for n in (1, 2)]
+    for role in roles:
         role.start()
+    # Kill -9 the first loader, then the second, then both, each time restarting the killed.
+    for kill, (share, victims) in enumerate(
+        ((0.15, roles[:1]), (0.45, roles[1:]), (0.75, roles)), 1
+    ):
         deadline = time.monotonic() + 120
         while progress(db_url, extract_id)[1] < share * ROWS:
-            role.assert_alive()
+            for role in roles:
+                role.assert_alive()
             assert time.monotonic() < deadline, "no progress"
             time.sleep(0.02)
-        role.kill()
+        for role in victims:
+            role.kill()
         state, done = progress(db_url, extract_id)
         assert state == "loading", f"finished before kill {kill} ({done:,} rows)"
-    role.start()
+        for role in victims:
+            role.start()
     deadline = time.monotonic() + 180
     while progress(db_url, extract_id)[0] != "loaded":
-        role.assert_alive()
+        for role in roles:
+            role.assert_alive()
         assert time.monotonic() < deadline, "the load did not finish"
         time.sleep(0.1)
-    assert role.stop() == 0
+    for role in roles:
+        assert role.stop() == 0
 
     interrupted, uninterrupted = snapshot(db_url), snapshot(reference_db_url)
     for part in uninterrupted:

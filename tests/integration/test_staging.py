@@ -316,14 +316,14 @@ def test_a_stopped_load_resumes_where_it_stopped_with_no_duplicates(
     assert paused["state"] == "loading"
     lanes, blocks = paused["checkpoint"]["lanes"], paused["checkpoint"]["blocks"]
     assert len(lanes) == 2
-    assert all(0 < lane["next_block"] < blocks for lane in lanes)
+    assert 0 < lanes[0]["next_block"] < blocks  # the lane it claimed
+    assert lanes[1] == {"next_block": 0, "next_row": 1}
     assert 0 < paused["rows_loaded"] + paused["rows_merged"] + paused["rows_rejected"] < len(rows)
 
     # Another loader takes it over (the first one's lock went with its session's claim); the
     # extract keeps its chunks and lanes whatever that loader's settings.
-    rest = make_loader(db_url, chunk_rows=700, lanes=3).load_next()
-    assert rest is not None
-    assert rest.state == "loaded"
+    rest = load_all(make_loader(db_url, chunk_rows=700, lanes=3))
+    assert [r.state for r in rest] == ["loading", "loaded"]  # lane 1 of 2 resumed, then lane 2
     done = extract(conn, extract_id)
     assert (done["rows_loaded"], done["rows_merged"], done["rows_rejected"]) == (3000, 300, 30)
     assert one(conn, "SELECT count(*) FROM lead_events") == 3300
@@ -425,6 +425,34 @@ def test_two_loaders_load_two_extracts_at_once(conn: psycopg.Connection, db_url:
         "SELECT rows_loaded, worker IS NOT NULL FROM staging.extracts ORDER BY id"
     ).fetchall() == [(2000, True), (2000, True)]
     assert one(conn, "SELECT count(*) FROM leads") == 4000
+
+
+def test_two_loaders_share_one_extract_by_lanes(conn: psycopg.Connection, db_url: str) -> None:
+    rows = [(f"1370000{n:04d}",) + (None,) * 8 for n in range(3000)]
+    rows += [(f"+86 137 0000 {n:04d}", "again") + (None,) * 7 for n in range(0, 3000, 3)]
+    rows += [("bad",) + (None,) * 8] * 20
+    create_table(conn, "shared", PEOPLE, rows)
+    extract_id = submit(conn, "staging", Submission("shared"))
+    loaders = [make_loader(db_url, chunk_rows=300, lanes=2) for _ in range(2)]
+    barrier = threading.Barrier(2)
+    results: list[Any] = []
+
+    def work(loader: StagingLoader) -> None:
+        barrier.wait()
+        results.extend(load_all(loader))
+
+    threads = [threading.Thread(target=work, args=(loader,)) for loader in loaders]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert sorted(r.state for r in results) == ["loaded", "loading"]  # the last lane finishes
+    done = extract(conn, extract_id)
+    assert done["state"] == "loaded"
+    assert (done["rows_loaded"], done["rows_merged"], done["rows_rejected"]) == (3000, 1000, 20)
+    # Each customer's rows went to one lane: one lead each, its two events merged in order.
+    assert one(conn, "SELECT count(*) FROM leads") == 3000
+    assert one(conn, "SELECT count(*) FROM leads WHERE event_count = 2") == 1000
 
 
 def test_a_loading_extract_held_by_a_live_loader_is_left_alone(
