@@ -1662,6 +1662,15 @@ def bench(
             "--chunk-rows", min=100, help="Rows per chunk (staging; default staging.chunk_rows)."
         ),
     ] = None,
+    loaders: Annotated[
+        int | None,
+        typer.Option(
+            "--loaders",
+            min=1,
+            max=8,
+            help="Loader processes sharing the extract (staging; default 2).",
+        ),
+    ] = None,
     json_path: Annotated[
         Path | None,
         typer.Option("--json", help="Also write the report as JSON to this file.", dir_okay=False),
@@ -1718,6 +1727,7 @@ def bench(
             json_path=json_path,
             console=console,
             chunk_rows=chunk_rows,
+            loaders=loaders or staging.DEFAULT_LOADERS,
         )
         staging.show(console, report)
         return
