@@ -132,7 +132,7 @@ SET rows_loaded = rows_loaded + %(loaded)s,
     checkpoint = jsonb_set(
         jsonb_set(checkpoint, ARRAY['lanes', %(lane)s], %(entry)s),
         '{duplicates}', to_jsonb((checkpoint->>'duplicates')::bigint + %(duplicates)s))
-WHERE id = %(id)s
+WHERE id = %(id)s AND state = 'loading'
 """
 # Loaded once no lane is left; the loader checks the counts add up before it commits.
 _FINISH = """
@@ -152,6 +152,10 @@ WHERE n.nspname = %s AND c.relname = %s
 
 class ExtractFailed(Exception):
     """This extract cannot be loaded; the message is the manifest's error text."""
+
+
+class _Ended(Exception):
+    """The extract failed (or finished) under another lane's loader: leave it as it is."""
 
 
 class StagingLoader:
@@ -255,6 +259,8 @@ class StagingLoader:
                 result.state = self._finish(conn, extract)
             else:
                 result = self._load(conn, extract, lane, stopping)
+        except _Ended:
+            result = LoadResult(extract.id, "failed")
         except ExtractFailed as exc:
             result = LoadResult(extract.id, "failed", error=str(exc))
             self._fail(conn, extract, str(exc))
@@ -311,7 +317,10 @@ class StagingLoader:
                         "lanes": [{"next_block": 0, "next_row": 1}] * config.lanes,
                         "duplicates": 0,
                     }
-                rows_total, checkpoint = start(conn, extract.id, config.worker, rows_total, fresh)
+                started = start(conn, extract.id, config.worker, rows_total, fresh)
+                if started is None:
+                    raise _Ended
+                rows_total, checkpoint = started
                 _same_table(checkpoint, info, f"{config.schema}.{extract.table_name}")
         except TableRefused as exc:
             raise ExtractFailed(str(exc)) from None
@@ -391,6 +400,8 @@ class StagingLoader:
                     "id": extract.id,
                 },
             )
+            if cur.rowcount == 0:  # another lane's loader failed the extract: undo, stop
+                raise _Ended
         self._count(
             len(chunk.outcomes),
             new,

@@ -278,7 +278,8 @@ WHERE id = %s AND checkpoint IS NULL
 RETURNING rows_total, checkpoint
 """
 _RESUME = """
-UPDATE staging.extracts SET state = 'loading', worker = %s WHERE id = %s
+UPDATE staging.extracts SET state = 'loading', worker = %s
+WHERE id = %s AND state IN ('pending', 'loading')
 RETURNING rows_total, checkpoint
 """
 _FAIL = """
@@ -294,14 +295,16 @@ def start(
     worker: str,
     rows_total: int | None,
     checkpoint: dict[str, Any] | None,
-) -> tuple[int, dict[str, Any]]:
-    """Record a (first) start, or a takeover; return the extract's rows_total and checkpoint."""
+) -> tuple[int, dict[str, Any]] | None:
+    """Record a (first) start, or a takeover; return the extract's rows_total and checkpoint,
+    or None when it finished or failed meanwhile (another lane's loader ended it)."""
     row = None
     if checkpoint is not None:
         row = conn.execute(_START, (worker, rows_total, Jsonb(checkpoint), extract_id)).fetchone()
     if row is None:
         row = conn.execute(_RESUME, (worker, extract_id)).fetchone()
-    assert row is not None
+    if row is None or row[1] is None:
+        return None
     return int(row[0]), dict(row[1])
 
 

@@ -506,3 +506,33 @@ def test_metrics_count_rows_by_outcome(conn: psycopg.Connection, db_url: str) ->
         == intake_before + 1
     )
     assert sample("leadflow_staging_extracts", state="loaded") >= 1
+
+
+def test_a_lane_stops_when_another_lanes_loader_failed_the_extract(
+    conn: psycopg.Connection, db_url: str
+) -> None:
+    rows = [(f"1370000{n:04d}",) + (None,) * 8 for n in range(3000)]
+    create_table(conn, "failing", PEOPLE, rows)
+    extract_id = submit(conn, "staging", Submission("failing"))
+    counts: list[int] = []
+
+    def fail_elsewhere() -> bool:  # called after each stored chunk
+        if not counts:
+            counts.append(extract(conn, extract_id)["rows_loaded"])
+            conn.execute(
+                "UPDATE staging.extracts SET state = 'failed', error = 'lane 2: table dropped'"
+                " WHERE id = %s",
+                (extract_id,),
+            )
+        return False
+
+    result = make_loader(db_url, chunk_rows=500, lanes=2).load_next(fail_elsewhere)
+    assert result is not None
+    assert result.state == "failed"
+    ended = extract(conn, extract_id)
+    # The chunk in hand was undone; the other loader's error stands.
+    assert (ended["state"], ended["error"]) == ("failed", "lane 2: table dropped")
+    assert ended["rows_loaded"] == counts[0]
+    assert one(conn, "SELECT count(*) FROM lead_events") == counts[0]
+    # A failed extract is nobody's to resume.
+    assert make_loader(db_url, lanes=2).load_next() is None
