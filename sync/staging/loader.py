@@ -134,7 +134,7 @@ SET rows_loaded = rows_loaded + %(loaded)s,
         '{duplicates}', to_jsonb((checkpoint->>'duplicates')::bigint + %(duplicates)s))
 WHERE id = %(id)s AND state = 'loading'
 """
-# Loaded once no lane is left; the loader checks the counts add up before it commits.
+# Loaded once no lane is left; the loader checks that the counts add up before it commits.
 _FINISH = """
 UPDATE staging.extracts SET state = 'loaded', finished_at = now()
 WHERE id = %s AND state = 'loading'
@@ -417,14 +417,14 @@ class StagingLoader:
         where = f"{self.config.schema}.{extract.table_name}"
         with conn.transaction():
             row = conn.execute(_FINISH, (extract.id,)).fetchone()
-        if row is None:
-            return "loading"
-        loaded, merged, rejected, total = row
-        if loaded + merged + rejected != total:
-            raise ExtractFailed(
-                f"{loaded + merged + rejected:,} rows read but {total:,} counted at the start: "
-                f"{where} changed while loading; submit it again once it is complete"
-            )
+            if row is None:
+                return "loading"
+            loaded, merged, rejected, total = row
+            if loaded + merged + rejected != total:  # undone; the extract fails instead
+                raise ExtractFailed(
+                    f"{loaded + merged + rejected:,} rows read but {total:,} counted at the "
+                    f"start: {where} changed while loading; submit it again once it is complete"
+                )
         metrics.EXTRACTS_FINISHED.labels("loaded").inc()
         log.info(
             "extract loaded",

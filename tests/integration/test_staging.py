@@ -536,3 +536,23 @@ def test_a_lane_stops_when_another_lanes_loader_failed_the_extract(
     assert one(conn, "SELECT count(*) FROM lead_events") == counts[0]
     # A failed extract is nobody's to resume.
     assert make_loader(db_url, lanes=2).load_next() is None
+
+
+def test_a_table_changed_while_loading_fails_instead_of_loading_short(
+    conn: psycopg.Connection, db_url: str
+) -> None:
+    rows = [(f"1370000{n:04d}",) + (None,) * 8 for n in range(3000)]
+    create_table(conn, "shrinking", PEOPLE, rows)
+    extract_id = submit(conn, "staging", Submission("shrinking"))
+
+    def delete_ahead() -> bool:  # after the first chunk, rows not yet read disappear
+        conn.execute("DELETE FROM staging.shrinking WHERE phone > '137000029'")
+        return False
+
+    result = make_loader(db_url, chunk_rows=500).load_next(delete_ahead)
+    assert result is not None
+    assert result.state == "failed"
+    ended = extract(conn, extract_id)
+    assert ended["state"] == "failed"
+    assert "rows read but 3,000 counted at the start" in ended["error"]
+    assert "staging.shrinking changed while loading" in ended["error"]
