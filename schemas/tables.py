@@ -539,6 +539,113 @@ class StreamMinute(Base):
     updated_at: Mapped[datetime] = _updated_at_column()
 
 
+class ReportValue(Base):
+    """The reports' dictionary: each dimension value (a source, a segment, an agent ...) once,
+    numbered within its dimension, so rollup rows carry small codes instead of text."""
+
+    __tablename__ = "report_values"
+    __table_args__ = (UniqueConstraint("dimension", "value"),)
+
+    dimension: Mapped[str] = mapped_column(primary_key=True)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    value: Mapped[str]
+
+
+def _code() -> MappedColumn[Any]:
+    return mapped_column(SmallInteger, nullable=True)
+
+
+class ReportLead(Base):
+    """The reports' rollup: one narrow row per lead with what the funnel counts about it,
+    refreshed incrementally from `leads` and `assignments` (see leadflow/reports.py).
+    Dimensions are `report_values` codes; speeds are bucket numbers."""
+
+    __tablename__ = "report_leads"
+    __table_args__ = (Index("ix_report_leads_created_at", "created_at"),)
+
+    lead_id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    created_at: Mapped[datetime]
+    intake: Mapped[int | None] = _code()
+    source: Mapped[int | None] = _code()
+    channel: Mapped[int | None] = _code()
+    event_type: Mapped[int | None] = _code()
+    campaign: Mapped[int | None] = _code()
+    business_line: Mapped[int | None] = _code()
+    segment: Mapped[int | None] = _code()
+    queue: Mapped[int | None] = _code()
+    events: Mapped[int]
+    queued: Mapped[bool]
+    assignments: Mapped[int] = mapped_column(SmallInteger)
+    attempts: Mapped[int] = mapped_column(SmallInteger)
+    expired: Mapped[int] = mapped_column(SmallInteger)
+    recycles: Mapped[int] = mapped_column(SmallInteger)
+    #: Speed buckets (leadflow.reports.speed_bucket) of the time from the lead's creation to
+    #: its first assignment and to its first contact; None before it happened.
+    assign_bucket: Mapped[int | None] = mapped_column(SmallInteger)
+    contact_bucket: Mapped[int | None] = mapped_column(SmallInteger)
+    #: How it closed, 1-based in leadflow.reports.OUTCOMES; None while open.
+    outcome: Mapped[int | None] = mapped_column(SmallInteger)
+
+
+class ReportOpenLead(Base):
+    """The leads still open when the rollup last computed them, with the transaction id that
+    wrote the `leads` row it read: a refresh recomputes those whose row changed since. Closed
+    leads are final and leave this table."""
+
+    __tablename__ = "report_open_leads"
+
+    lead_id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    lead_xmin: Mapped[int] = mapped_column(BigInteger)
+
+
+class ReportAssignment(Base):
+    """The reports' rollup of assignments with their lead's dimensions, for the agents' view;
+    refreshed with their lead's `report_leads` row."""
+
+    __tablename__ = "report_assignments"
+    __table_args__ = (
+        Index("ix_report_assignments_assigned_at", "assigned_at"),
+        Index("ix_report_assignments_lead_id", "lead_id"),
+    )
+
+    assignment_id: Mapped[uuid.UUID] = mapped_column(primary_key=True)
+    lead_id: Mapped[int] = mapped_column(BigInteger)
+    assigned_at: Mapped[datetime]
+    agent: Mapped[int | None] = mapped_column(Integer)
+    #: The queue the assignment came from.
+    queue: Mapped[int | None] = _code()
+    intake: Mapped[int | None] = _code()
+    source: Mapped[int | None] = _code()
+    channel: Mapped[int | None] = _code()
+    event_type: Mapped[int | None] = _code()
+    campaign: Mapped[int | None] = _code()
+    business_line: Mapped[int | None] = _code()
+    segment: Mapped[int | None] = _code()
+    open: Mapped[bool]
+    #: Attempts are assignments not handed back or revoked.
+    attempt: Mapped[bool]
+    #: How it ended, 1-based in leadflow.reports.ASSIGNMENT_OUTCOMES; None while open.
+    outcome: Mapped[int | None] = mapped_column(SmallInteger)
+    #: Speed bucket of the time from the assignment to its first contact.
+    contact_bucket: Mapped[int | None] = mapped_column(SmallInteger)
+
+
+class ReportRefresh(Base):
+    """Where the reports' rollup stands: when it was refreshed, and from where the next refresh
+    looks for new leads (ids above `max_lead_id`, or created at or after `cutoff`)."""
+
+    __tablename__ = "report_refresh"
+    __table_args__ = (CheckConstraint("id = 1", name="single_row"),)
+
+    id: Mapped[int] = mapped_column(SmallInteger, primary_key=True)
+    refreshed_at: Mapped[datetime]
+    cutoff: Mapped[datetime]
+    max_lead_id: Mapped[int] = mapped_column(BigInteger)
+    #: Leads recomputed by the last refresh, and how long it took.
+    leads_refreshed: Mapped[int] = mapped_column(BigInteger)
+    seconds: Mapped[float]
+
+
 class ConsumerOffset(Base):
     """Kafka offsets committed in the same transaction as the batch they cover."""
 

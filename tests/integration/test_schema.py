@@ -63,6 +63,11 @@ LEADFLOW_TABLES = {
     "public.poller_rejects",
     "public.consumer_offsets",
     "public.stream_minutes",
+    "public.report_values",
+    "public.report_leads",
+    "public.report_open_leads",
+    "public.report_assignments",
+    "public.report_refresh",
     "public.outbox",
     "public.api_tokens",
     "staging.extracts",
@@ -98,7 +103,7 @@ def test_upgrade_creates_every_table(empty_db_url: str, empty_engine: Engine) ->
     assert {f"{t.schema or 'public'}.{t.name}" for t in Base.metadata.sorted_tables} == (
         LEADFLOW_TABLES
     )
-    assert migrate.current(empty_db_url) == migrate.head() == "0006"
+    assert migrate.current(empty_db_url) == migrate.head() == "0007"
 
 
 def test_upgrade_again_is_a_no_op(empty_db_url: str) -> None:
