@@ -6,7 +6,7 @@ Authentication: `Authorization: Bearer <token>`; only the token's SHA-256 is sto
 | role | may |
 | --- | --- |
 | agent | read and work their own assignments, set their own status |
-| supervisor | read queues and agents, set an agent's status |
+| supervisor | read queues, agents and reports, set an agent's status |
 | ops | what a supervisor may, plus HTTP intake and the pipeline view |
 | product | HTTP intake only |
 
@@ -29,12 +29,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
+from zoneinfo import ZoneInfo
 
 import psycopg
 import sqlalchemy as sa
-from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy.engine import Engine
@@ -46,6 +47,7 @@ from allocate.roster import UnknownAgent, set_status, token_hash
 from ingest import metrics as intake_metrics
 from ingest.chain import Accepted, IntakeChain, Record, Rejected
 from ingest.store import Classifier, LeadStore
+from leadflow import reports
 from leadflow.db import queue_stats
 from leadflow.errors import ServiceUnavailable
 from leadflow.kafka import end_offsets
@@ -586,6 +588,75 @@ async def pipeline(principal: Watchers, context: Context) -> dict[str, Any]:
     picture = await run_in_threadpool(snapshot, context.engine, specs)
     picture["intake"]["consumer_lag"] = await _consumer_lag(context)
     return picture
+
+
+_REPORT_DESCRIPTION = """
+The lead funnel over `[from, to)` broken down by one or two dimensions: the leads created in the
+period followed until now (events, merged, queued, assigned, first contacted, converted, closed
+by outcome, recycled, expired by SLA, attempts, rates between steps, speed to first assignment
+and to first contact p50/p90), beside the input rejected in the period where the database knows
+it (staging extracts and pollers; real-time rejects are in the DLQ and `/api/v1/pipeline`).
+With `agent` among the dimensions: each agent's assignments made in the period, contacts,
+conversions and conversions per available hour. `from` and `to` are dates (days in
+`allocation.default_timezone`) or RFC 3339 times with an offset; without them, the last 30 days
+up to today included. CSV with `format=csv` or `Accept: text/csv` (UTF-8 with a BOM, so Excel
+shows Chinese).
+"""
+
+
+@router.get(
+    "/reports/funnel",
+    tags=["reports"],
+    summary="The lead funnel and speed to lead by a dimension over a period (JSON or CSV)",
+    description=_REPORT_DESCRIPTION,
+    responses={
+        **_errors(),
+        200: {
+            "description": "The report",
+            "content": {"application/json": {}, "text/csv": {"schema": {"type": "string"}}},
+        },
+    },
+    response_class=Response,
+)
+def report_funnel(
+    request: Request,
+    principal: Watchers,
+    context: Context,
+    start: Annotated[
+        str | None, Query(alias="from", max_length=40, examples=["2026-11-01"])
+    ] = None,
+    end: Annotated[str | None, Query(alias="to", max_length=40, examples=["2026-12-01"])] = None,
+    by: Annotated[
+        str | None,
+        Query(
+            max_length=100,
+            description=f"One or two of: {', '.join(reports.DIMENSIONS)} (comma-separated).",
+            examples=["source", "source,segment"],
+        ),
+    ] = None,
+    output: Annotated[Literal["json", "csv"] | None, Query(alias="format")] = None,
+) -> Response:
+    settings = context.settings
+    zone = ZoneInfo(settings.allocation.default_timezone)
+    try:
+        period = reports.parse_period(start, end, zone, datetime.now(UTC))
+        names = reports.parse_by(by)
+    except reports.ReportError as exc:
+        raise ApiError(422, "invalid_request", str(exc)) from None
+    with context.psycopg() as conn:
+        report = reports.funnel(conn, period, names, staging_source=settings.staging.default_source)
+    wants_csv = output == "csv" or (
+        output is None and "text/csv" in request.headers.get("accept", "")
+    )
+    if wants_csv:
+        return Response(
+            reports.to_csv(report).encode("utf-8"),
+            media_type="text/csv; charset=utf-8",
+            headers={
+                "Content-Disposition": f'attachment; filename="{reports.csv_filename(report)}"'
+            },
+        )
+    return JSONResponse(report.as_dict())
 
 
 _COMMITTED = sa.text("""

@@ -139,6 +139,7 @@ ROUTES: list[tuple[str, str, Any]] = [
     ("POST", f"/api/v1/assignments/{uuid.uuid4()}/reject", {"reason": "busy"}),
     ("GET", "/api/v1/queues", None),
     ("GET", "/api/v1/pipeline", None),
+    ("GET", "/api/v1/reports/funnel", None),
     ("POST", "/api/v1/agents/a-2/status", {"status": "available"}),
     ("POST", "/api/v1/leads", [event("matrix")]),
 ]
@@ -149,6 +150,7 @@ ALLOWED = {
     "/assignments/": {"a-1"},
     "/api/v1/queues": {"supervisor", "ops"},
     "/api/v1/pipeline": {"supervisor", "ops"},
+    "/api/v1/reports/funnel": {"supervisor", "ops"},
     "/api/v1/agents/": {"supervisor", "ops"},
     "/api/v1/leads": {"ops", "product"},
 }
