@@ -117,7 +117,8 @@ _REQUEST_SECONDS = Histogram(
 
 
 def create_app(context: WebContext) -> FastAPI:
-    """The web role's app: probes and metrics, the API, the agent workbench and ops pages."""
+    """The web role's app: probes and metrics, the API, the agent workbench, ops and reports
+    pages."""
     app = create_probe_app(context)
 
     @app.middleware("http")
@@ -145,6 +146,12 @@ def create_app(context: WebContext) -> FastAPI:
     @app.get("/ops", tags=["pages"], summary="The live ops dashboard", include_in_schema=False)
     async def ops_page() -> FileResponse:
         return FileResponse(STATIC_DIR / "ops.html", headers=_PAGE_HEADERS)
+
+    @app.get(
+        "/ops/reports", tags=["pages"], summary="The lead funnel reports", include_in_schema=False
+    )
+    async def reports_page() -> FileResponse:
+        return FileResponse(STATIC_DIR / "reports.html", headers=_PAGE_HEADERS)
 
     settings = context.settings
     api.install(
