@@ -1601,10 +1601,148 @@ def simulate(
         console.print(f"report written to {json_path}", highlight=False)
 
 
+def _reports_database(settings: Settings) -> str:
+    from leadflow.stack import resolve_endpoints
+
+    url = resolve_endpoints(settings).database_url
+    if url is None:
+        raise ServiceUnavailable(
+            "No database to report on: set database.url (or LEADFLOW_DATABASE_URL), "
+            "or start `leadflow up` from this directory and run this beside it."
+        )
+    return url
+
+
+#: The columns of the terminal table (the CSV and the API have every column).
+_FUNNEL_TABLE = (
+    "events", "merged", "rejected", "leads", "queued", "assigned", "contacted", "converted",
+    "lead_conversion_rate", "recycled", "expired", "attempts_per_lead", "assign_p50_s",
+    "contact_p50_s", "contact_p90_s",
+)  # fmt: skip
+_AGENTS_TABLE = (
+    "assignments", "attempts", "contacted", "converted", "open", "available_hours",
+    "conversions_per_hour", "conversion_rate", "contact_p50_s", "contact_p90_s",
+)  # fmt: skip
+
+
 @report_app.command("funnel")
-def report_funnel() -> None:
-    """The lead funnel by a dimension over a period."""
-    _not_yet("report funnel", "the reports")
+def report_funnel(
+    ctx: typer.Context,
+    start: Annotated[
+        str | None,
+        typer.Option(
+            "--from",
+            help="First day (2026-11-01, a day in allocation.default_timezone) or an RFC 3339 "
+            "time with an offset. Default: 30 days before --to.",
+        ),
+    ] = None,
+    end: Annotated[
+        str | None,
+        typer.Option(
+            "--to", help="End of the period, not included (a day or a time). Default: tomorrow."
+        ),
+    ] = None,
+    by: Annotated[
+        str,
+        typer.Option(
+            "--by",
+            help="One or two of: source, channel, product_channel, event_type, campaign, "
+            "business_line, segment, queue, agent (comma-separated).",
+        ),
+    ] = "source",
+    csv_path: Annotated[
+        Path | None,
+        typer.Option(
+            "--csv",
+            help="Also write the report, every column, as CSV (UTF-8 with a BOM, for Excel).",
+            dir_okay=False,
+        ),
+    ] = None,
+) -> None:
+    """The lead funnel and speed to lead by a dimension over a period [from, to): the leads
+    created in it, followed until now (README, Reports). With --by agent: each agent's
+    assignments made in the period, contacts, conversions and conversions per available hour."""
+    settings = _settings(ctx)
+    from datetime import UTC
+    from zoneinfo import ZoneInfo
+
+    import psycopg
+
+    from leadflow import reports
+
+    zone = ZoneInfo(settings.allocation.default_timezone)
+    try:
+        period = reports.parse_period(start, end, zone, datetime.now(UTC))
+    except reports.ReportError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--from/--to") from None
+    try:
+        names = reports.parse_by(by)
+    except reports.ReportError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--by") from None
+    url = _reports_database(settings)
+    timeout = max(1, int(settings.database.connect_timeout.total_seconds()))
+    try:
+        conn = psycopg.connect(url, connect_timeout=timeout, application_name="leadflow-report")
+    except psycopg.OperationalError as exc:
+        raise ServiceUnavailable(
+            f"Cannot reach PostgreSQL at {masked_url(url)}: {str(exc).strip().splitlines()[0]}."
+        ) from None
+    with conn:
+        report = reports.funnel(conn, period, names, staging_source=settings.staging.default_source)
+    console.print(_report_table(report, zone))
+    if csv_path is not None:
+        csv_path.write_text(reports.to_csv(report), encoding="utf-8", newline="")
+        console.print(f"CSV written to {csv_path}", highlight=False)
+
+
+def _report_table(report: Any, zone: Any) -> Table:
+    from leadflow.reports import Column
+
+    start = report.period.start.astimezone(zone)
+    end = report.period.end.astimezone(zone)
+    agents = report.kind == "agents"
+    what = "agents' work" if agents else "lead funnel"
+    table = Table(
+        title=f"{what} by {', '.join(report.by)}, {start:%Y-%m-%d %H:%M} to {end:%Y-%m-%d %H:%M} "
+        f"{end:%z} (as of {report.as_of.astimezone(zone):%Y-%m-%d %H:%M:%S})",
+        title_justify="left",
+    )
+    columns: dict[str, Column] = {column.name: column for column in report.columns}
+    shown = [*report.by, *(_AGENTS_TABLE if agents else _FUNNEL_TABLE)]
+    for name in shown:
+        column = columns[name]
+        table.add_column(
+            column.label, justify="left" if column.kind == "dimension" else "right", overflow="fold"
+        )
+    for row in report.rows:
+        table.add_row(*(_report_cell(columns[name], row.get(name)) for name in shown))
+    table.add_section()
+    table.add_row(
+        *(
+            ("total" if n == 0 else "")
+            if name in report.by
+            else _report_cell(columns[name], report.total[name])
+            for n, name in enumerate(shown)
+        ),
+        style="bold",
+    )
+    return table
+
+
+def _report_cell(column: Any, value: Any) -> str:
+    if column.kind == "dimension":
+        return escape("(none)" if value is None else str(value))
+    if value is None:
+        return "-"
+    if column.kind == "rate":
+        return f"{100 * value:.1f}%"
+    if column.kind == "ratio":
+        return f"{value:.2f}"
+    if column.kind == "seconds":
+        return _age(value)
+    if column.kind == "hours":
+        return f"{value:,.1f}"
+    return f"{value:,}"
 
 
 BENCH_SCENARIOS = ("intake", "classify", "staging", "pollers", "allocate", "latency", "report")
@@ -1620,7 +1758,10 @@ def bench(
     events: Annotated[
         int | None,
         typer.Option(
-            "--events", min=1, help="How many events to pre-produce (intake; default 200000)."
+            "--events",
+            min=1,
+            help="How many events to pre-produce (intake; default 200000) or to load as history "
+            "(report; default 10000000).",
         ),
     ] = None,
     agents: Annotated[
@@ -1670,6 +1811,10 @@ def bench(
             max=8,
             help="Loader processes sharing the extract (staging; default 2).",
         ),
+    ] = None,
+    days: Annotated[
+        int | None,
+        typer.Option("--days", min=1, help="Days of history the events span (report; default 90)."),
     ] = None,
     json_path: Annotated[
         Path | None,
@@ -1730,6 +1875,17 @@ def bench(
             loaders=loaders or staging.DEFAULT_LOADERS,
         )
         staging.show(console, report)
+        return
+    if scenario == "report":
+        from bench import report as report_bench
+
+        report = report_bench.run(
+            events or report_bench.DEFAULT_EVENTS,
+            days or report_bench.DEFAULT_DAYS,
+            json_path=json_path,
+            console=console,
+        )
+        report_bench.show(console, report)
         return
     if scenario == "pollers":
         from bench import pollers

@@ -189,8 +189,6 @@ def test_help_lists_every_contract_command(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     "args",
     [
-        ["bench", "report"],
-        ["report", "funnel"],
         ["up", "--demo"],
     ],
 )
