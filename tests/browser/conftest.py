@@ -85,8 +85,10 @@ def site(db_url: str) -> Iterator[Site]:
         engine.dispose()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture
 def browser() -> Iterator[Any]:
+    """Playwright's sync API runs an event loop on this thread while it is open; per test, so no
+    asyncio test that runs after the browser tests finds a loop already running."""
     if not shutil.which(CHROMIUM) and not Path(CHROMIUM).exists():
         if os.environ.get("CI") == "true":
             pytest.fail(f"no chromium at {CHROMIUM}; .ci/run installs Debian's chromium")
