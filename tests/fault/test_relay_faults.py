@@ -74,7 +74,9 @@ def count(db_url: str, where: str) -> int:
 
 class Writers:
     """Threads committing and rolling back outbox rows like the allocator: the rows of one key
-    are serialised by a lock taken before they are inserted, so per key id order is commit order."""
+    are serialised by a lock taken before they are inserted, so per key id order is commit order.
+    Each writes at least `transactions`, and goes on until `enough` is set (by the test, once it
+    has struck the relay as often as it wants, however slow the machine)."""
 
     def __init__(self, db_url: str, topic: str, threads: int = 3, transactions: int = 500) -> None:
         self.db_url, self.topic, self.transactions = db_url, topic, transactions
@@ -82,6 +84,7 @@ class Writers:
         self.committed: list[int] = []
         self.rolled_back: list[int] = []
         self.errors: list[BaseException] = []
+        self.enough = threading.Event()
         self.threads = [
             threading.Thread(target=self._write, args=(n,), daemon=True) for n in range(threads)
         ]
@@ -94,6 +97,7 @@ class Writers:
         return any(thread.is_alive() for thread in self.threads)
 
     def join(self) -> None:
+        self.enough.set()
         for thread in self.threads:
             thread.join(120)
         assert not self.errors, self.errors
@@ -102,7 +106,9 @@ class Writers:
         rng = random.Random(n)
         try:
             with psycopg.connect(self.db_url, autocommit=True) as conn:
-                for _ in range(self.transactions):
+                for done in itertools.count():
+                    if done >= self.transactions and self.enough.is_set():
+                        break
                     keys = sorted(rng.sample(AGENTS, rng.randint(1, 3)))
                     seqs: list[int] = []
                     rollback = rng.random() < 0.15
@@ -215,6 +221,7 @@ def test_kill_9_while_publishing_loses_nothing_and_keeps_each_agents_order(
             assert time.monotonic() < deadline, f"backlog left; see {relay.log}"
             time.sleep(0.1)
     finally:
+        writers.enough.set()
         writers_done = not writers.alive()
         stopped = relay.stop()
         progress.close()
