@@ -108,7 +108,7 @@ async def world(db_url: str) -> AsyncIterator[World]:
         import_agents(conn, parse_agents_csv(ROSTER, source="roster.csv"))
         tokens["a-1"] = issue_token(conn, "a-1")
         for role in ("supervisor", "ops"):
-            tokens[role] = issue_token(conn, None, role=role)  # type: ignore[arg-type]
+            tokens[role] = issue_token(conn, None, role=role)
     app = create_app(
         WebContext(settings, engine, rules_classifier(RulesHolder.from_settings(settings)))
     )
@@ -627,7 +627,8 @@ async def test_a_refresh_that_waited_for_another_sees_what_happened_meanwhile(
     holder = psycopg.connect(world.db_url)
     try:
         holder.execute("LOCK TABLE report_refresh IN SHARE ROW EXCLUSIVE MODE")  # a refresh
-        waiting = threading.Thread(target=_refresh_into, args=(world.db_url, results := []))
+        results: list[reports.Refresh] = []
+        waiting = threading.Thread(target=_refresh_into, args=(world.db_url, results))
         waiting.start()
         waiting.join(1)
         assert waiting.is_alive()  # waits for the lock
@@ -647,3 +648,11 @@ async def test_a_refresh_that_waited_for_another_sees_what_happened_meanwhile(
 def _refresh_into(db_url: str, results: list[reports.Refresh]) -> None:
     with psycopg.connect(db_url) as conn:
         results.append(reports.refresh(conn))
+
+
+def test_the_database_buckets_speeds_as_the_code_reads_them(db_url: str) -> None:
+    values = [-5.0, 0.0, 0.5, 59.9, 599.999, 600.0, 605.9, 606.0, 3600.0, 3 * 86400.0, 1e12]
+    query = f"SELECT {reports._bucket_sql('x')} FROM unnest(%s::float8[]) WITH ORDINALITY AS v(x, n) ORDER BY n"
+    with psycopg.connect(db_url) as conn:
+        got = [row[0] for row in conn.execute(query, (values,))]
+    assert got == [reports.speed_bucket(v) for v in values]
