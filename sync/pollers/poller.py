@@ -51,6 +51,7 @@ from sqlalchemy.engine import Engine, make_url
 
 from ingest import metrics as intake_metrics
 from ingest.chain import Accepted, IntakeChain, Outcome, Record, Rejected
+from ingest.gcpause import gc_paused
 from ingest.store import Classifier, LeadStore
 from schemas.vocab import PollerOutcome, PollerTrigger
 from sync.pollers import metrics
@@ -70,7 +71,6 @@ from sync.pollers.watermark import (
 # threads, shared with the staging loader): a page allocates hundreds of thousands of objects
 # that reference counting frees, and the collector kept rescanning them — about a fifth of a
 # run's CPU (measured: 100-122 µs a row with collections, 80-95 without).
-from sync.staging.loader import _gc_paused as gc_paused
 
 log = structlog.stdlib.get_logger("leadflow.pollers")
 

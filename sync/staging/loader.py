@@ -43,11 +43,10 @@ import contextlib
 import gc
 import os
 import socket
-import threading
 import time
 import zlib
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import timedelta, tzinfo
@@ -62,6 +61,7 @@ from psycopg.types.json import Jsonb
 from ingest import metrics as intake_metrics
 from ingest.chain import Accepted, IntakeChain, Outcome, Rejected
 from ingest.consumer import Backoff
+from ingest.gcpause import gc_paused
 from ingest.phones import InvalidPhone
 from ingest.store import Classifier, LeadStore
 from schemas.lead import Hints
@@ -374,7 +374,7 @@ class StagingLoader:
         """A lane's share of a chunk — leads, rejects, the lane's checkpoint and the extract's
         counters — in one transaction."""
         classify = self.classifier()
-        with _gc_paused(), conn.transaction(), conn.cursor() as cur:
+        with gc_paused(), conn.transaction(), conn.cursor() as cur:
             accepted = [o for o in chunk.outcomes if isinstance(o, Accepted)]
             rejected = [o for o in chunk.outcomes if isinstance(o, Rejected)]
             stored = self.store.write_in(cur, accepted, classify)
@@ -573,7 +573,7 @@ class _Reader:
         first = self.next_block
         end = min(self.blocks, first + self.chunk_blocks)
         conn = self.loader._read_connection()
-        with _gc_paused():
+        with gc_paused():
             with conn.transaction(), conn.cursor() as cur:
                 cur.execute(self.lock)
                 identity = cur.execute(_IDENTITY, (self.schema, self.table_name)).fetchone()
@@ -600,32 +600,6 @@ class _Reader:
         self.next_block = end
         self.next_row += len(rows)
         return chunk
-
-
-_gc_lock = threading.Lock()
-_gc_holders = 0
-
-
-@contextlib.contextmanager
-def _gc_paused() -> Iterator[None]:
-    """No cyclic garbage collection while a chunk is prepared or stored. A chunk allocates
-    hundreds of thousands of objects that reference counting frees (they form no cycles),
-    and the collector, triggered by the allocations alone, kept rescanning them: about a
-    third of the loader's CPU (33 µs a row of 100). Paused process-wide, so counted across
-    threads; collections resume when no chunk is in hand, and `_load` collects the young
-    generations after every chunk."""
-    global _gc_holders
-    with _gc_lock:
-        _gc_holders += 1
-        if _gc_holders == 1:
-            gc.disable()
-    try:
-        yield
-    finally:
-        with _gc_lock:
-            _gc_holders -= 1
-            if _gc_holders == 0:
-                gc.enable()
 
 
 def _same_table(checkpoint: dict[str, Any], info: TableInfo, where: str) -> None:
