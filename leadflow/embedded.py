@@ -107,6 +107,9 @@ def _spawn(
         user=user,
         env=env,
         preexec_fn=_die_with_parent(stop_signal),  # the hook runs after setuid: the signal survives
+        # A process group of its own: a terminal's Ctrl-C reaches leadflow, which drains its
+        # roles first and then stops the servers, instead of the servers stopping under them.
+        process_group=0,
     )
     return _Child(name, process, log_path, stop_signal, log)
 

@@ -65,6 +65,7 @@ def running_up(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], dict[str
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        start_new_session=True,  # its own process group, as in a terminal
     ) as process:
         try:
             yield process, wait_for_runtime(tmp_path, process), tmp_path
@@ -74,9 +75,9 @@ def running_up(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], dict[str
                 process.wait(10)
 
 
-@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM, "ctrl-c"])
 def test_up_is_ready_then_stops_cleanly_leaving_nothing_behind(
-    running_up: tuple[subprocess.Popen[str], dict[str, str], Path], stop: signal.Signals
+    running_up: tuple[subprocess.Popen[str], dict[str, str], Path], stop: signal.Signals | str
 ) -> None:
     process, runtime, cwd = running_up
     ready = httpx.get(f"{runtime['web_url']}/readyz", timeout=10)
@@ -90,8 +91,16 @@ def test_up_is_ready_then_stops_cleanly_leaving_nothing_behind(
 
     children = psutil.Process(process.pid).children(recursive=True)
     assert len(children) >= 2  # postgres (and its workers) and the broker
-    process.send_signal(stop)
+    if stop == "ctrl-c":  # a terminal signals the whole foreground process group
+        os.killpg(process.pid, signal.SIGINT)
+    else:
+        assert isinstance(stop, signal.Signals)
+        process.send_signal(stop)
     assert process.wait(60) == 0
+    errors = process.communicate()[1]
+    # The roles drained before the servers stopped: no role met a server going away.
+    assert "shutting down" not in errors
+    assert "Connection at" not in errors
     _, gone_alive = psutil.wait_procs(children, timeout=15)
     assert gone_alive == [], f"left behind: {gone_alive}"
     assert not (cwd / ".leadflow" / "runtime.json").exists()
