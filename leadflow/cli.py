@@ -147,6 +147,8 @@ def _announce(runtime: dict[str, Any]) -> None:
             ("/readyz", "readiness"),
             ("/metrics", "Prometheus"),
             ("/docs", "API docs"),
+            ("/agent", "agent workbench"),
+            ("/ops", "ops dashboard"),
         ]:
             table.add_row(f"web {what}", f"{web}{path}", "")
     console.print(table)
