@@ -682,6 +682,14 @@ def _decode(
     )
 
 
+@dataclass
+class _Group:
+    """The sums of a group's aggregates and its histogram of speed buckets."""
+
+    sums: dict[str, int]
+    histogram: dict[int, int]
+
+
 def _grouped(
     conn: psycopg.Connection[Any],
     table: str,
@@ -690,22 +698,60 @@ def _grouped(
     bucket: str,
     aggregates: Sequence[tuple[str, str]],
     period: Period,
-) -> list[tuple[Any, ...]]:
-    """Rows of (dimension codes..., bucket, aggregates...) of the period, grouped."""
-    keys = [sql.Identifier(column) for column in [*columns, bucket]]
-    query = sql.SQL(
-        "SELECT {keys}, {aggregates} FROM {table}"
-        " WHERE {time} >= %(start)s AND {time} < %(end)s GROUP BY {keys}"
-    ).format(
+) -> tuple[dict[tuple[int | None, ...], _Group], _Group]:
+    """The period's rows grouped by the dimension columns (their codes), and the total: the
+    aggregates summed, and each group's histogram of `bucket` (rows per bucket). One pass over
+    the rows, in one statement; the total comes from the same pass."""
+    keys = [sql.Identifier(column) for column in columns]
+    names = [name for name, _ in aggregates]
+    # One pass over the period's rows (g), kept for the three reads of it: the groups with
+    # their buckets folded into two arrays, and the total with the buckets of all rows.
+    query = sql.SQL("""
+WITH g AS MATERIALIZED (
+    SELECT {keys}{comma} {bucket} AS b, count(*) AS n{aggregates}
+    FROM {table} WHERE {time} >= %(start)s AND {time} < %(end)s
+    GROUP BY {keys}{comma} {bucket}
+), total_histogram AS (
+    SELECT b, sum(n)::bigint AS n FROM g WHERE b IS NOT NULL GROUP BY b
+)
+SELECT false, {keys}{comma} sum(n)::bigint, {sums}
+       array_agg(b ORDER BY b) FILTER (WHERE b IS NOT NULL),
+       array_agg(n ORDER BY b) FILTER (WHERE b IS NOT NULL)
+FROM g {group}
+UNION ALL
+SELECT true, {nulls}{comma} coalesce(sum(n), 0)::bigint, {sums}
+       (SELECT array_agg(b ORDER BY b) FROM total_histogram),
+       (SELECT array_agg(n ORDER BY b) FROM total_histogram)
+FROM g
+""").format(
         keys=sql.SQL(", ").join(keys),
-        aggregates=sql.SQL(", ").join(
-            sql.SQL(expression + " AS {}").format(sql.Identifier(name))
+        comma=sql.SQL(",") if keys else sql.SQL(""),
+        bucket=sql.Identifier(bucket),
+        aggregates=sql.SQL("").join(
+            sql.SQL(", " + expression + " AS {}").format(sql.Identifier(name))
             for name, expression in aggregates
         ),
         table=sql.Identifier(table),
         time=sql.Identifier(time_column),
+        sums=sql.SQL("").join(
+            sql.SQL("coalesce(sum({}), 0)::bigint, ").format(sql.Identifier(name)) for name in names
+        ),
+        group=sql.SQL("GROUP BY {}").format(sql.SQL(", ").join(keys)) if keys else sql.SQL(""),
+        nulls=sql.SQL(", ").join(sql.SQL("NULL") for _ in keys),
     )
-    return conn.execute(query, {"start": period.start, "end": period.end}).fetchall()
+    groups: dict[tuple[int | None, ...], _Group] = {}
+    total = _Group(dict.fromkeys(names, 0), {})
+    for record in conn.execute(query, {"start": period.start, "end": period.end}):
+        # (total?, codes..., rows, sums..., buckets, counts); `rows` makes the total's
+        # select an aggregate (one row) even without sums.
+        is_total, codes = record[0], tuple(record[1 : 1 + len(keys)])
+        sums = dict(zip(names, (int(v) for v in record[2 + len(keys) : -2]), strict=True))
+        group = _Group(sums, dict(zip(record[-2] or (), record[-1] or (), strict=True)))
+        if is_total:
+            total = group
+        else:
+            groups[codes] = group
+    return groups, total
 
 
 def _outcome_counts(prefix: str, values: Sequence[str]) -> list[tuple[str, str]]:
@@ -740,30 +786,17 @@ def _funnel(
     staging_source: str,
 ) -> Report:
     columns = [DIMENSIONS[name] for name in names]
-    counts: dict[tuple[Any, ...], dict[str, Any]] = {}
-    contact: dict[tuple[Any, ...], dict[int, int]] = {}
-    assign: dict[tuple[Any, ...], dict[int, int]] = {}
     # One pass for the counts and the speed to contact, one for the speed to assignment.
     fields = [name for name, _ in _LEAD_AGGREGATES]
-    for record in _grouped(
+    counted, counted_total = _grouped(
         conn, "report_leads", "created_at", columns, "contact_bucket", _LEAD_AGGREGATES, period
-    ):
-        key = _decode(values, columns, record[: len(columns)])
-        bucket = record[len(columns)]
-        row = counts.setdefault(key, dict.fromkeys(fields, 0))
-        for name, value in zip(fields, record[len(columns) + 1 :], strict=True):
-            row[name] += int(value or 0)
-        if bucket is not None:
-            histogram = contact.setdefault(key, {})
-            histogram[bucket] = histogram.get(bucket, 0) + int(record[len(columns) + 1])
-    for record in _grouped(
-        conn, "report_leads", "created_at", columns, "assign_bucket", [("n", "count(*)")], period
-    ):
-        key = _decode(values, columns, record[: len(columns)])
-        bucket, n = record[len(columns)], int(record[-1])
-        if bucket is not None:
-            histogram = assign.setdefault(key, {})
-            histogram[bucket] = histogram.get(bucket, 0) + n
+    )
+    assigned, assigned_total = _grouped(
+        conn, "report_leads", "created_at", columns, "assign_bucket", (), period
+    )
+    counts = {_decode(values, columns, codes): group.sums for codes, group in counted.items()}
+    contact = {_decode(values, columns, codes): g.histogram for codes, g in counted.items()}
+    assign = {_decode(values, columns, codes): g.histogram for codes, g in assigned.items()}
     rejected: dict[tuple[Any, ...], dict[str, int]] = {}
     params = {"start": period.start, "end": period.end, "staging_source": staging_source}
     for intake, source, campaign, code, count in conn.execute(_REJECTS, params):
@@ -780,22 +813,14 @@ def _funnel(
         )
         rows.append({**dict(zip(names, key, strict=True)), **figures})
     total = _funnel_figures(
-        _sum(counts.values(), fields),
-        _merge(contact.values()),
-        _merge(assign.values()),
+        counted_total.sums,
+        counted_total.histogram,
+        assigned_total.histogram,
         _merge(rejected.values()),
     )
     return Report(
         "funnel", period, names, as_of, _dimension_columns(names) + FUNNEL_COLUMNS, rows, total
     )
-
-
-def _sum(rows: Iterable[Mapping[str, int]], fields: Sequence[str]) -> dict[str, int]:
-    total = dict.fromkeys(fields, 0)
-    for row in rows:
-        for name in fields:
-            total[name] += row[name]
-    return total
 
 
 def _merge(histograms: Iterable[Mapping[Any, int]]) -> dict[Any, int]:
@@ -920,10 +945,7 @@ def _agents(
             _AVAILABLE_HOURS, {"start": period.start, "stop": stop}
         ).fetchall()
     }
-    fields = [name for name, _ in _AGENT_AGGREGATES]
-    counts: dict[tuple[Any, ...], dict[str, int]] = {}
-    contact: dict[tuple[Any, ...], dict[int, int]] = {}
-    for record in _grouped(
+    groups, grand = _grouped(
         conn,
         "report_assignments",
         "assigned_at",
@@ -931,15 +953,9 @@ def _agents(
         "contact_bucket",
         _AGENT_AGGREGATES,
         period,
-    ):
-        key = _decode(values, columns, record[: len(columns)])
-        bucket = record[len(columns)]
-        row = counts.setdefault(key, dict.fromkeys(fields, 0))
-        for name, value in zip(fields, record[len(columns) + 1 :], strict=True):
-            row[name] += int(value or 0)
-        if bucket is not None:
-            histogram = contact.setdefault(key, {})
-            histogram[bucket] = histogram.get(bucket, 0) + int(record[len(columns) + 1])
+    )
+    counts = {_decode(values, columns, codes): group.sums for codes, group in groups.items()}
+    contact = {_decode(values, columns, codes): g.histogram for codes, g in groups.items()}
     agent_at = names.index("agent")
     rows = [
         {
@@ -948,9 +964,7 @@ def _agents(
         }
         for key in sorted(counts, key=_sort_key)
     ]
-    total = _agent_figures(
-        _sum(counts.values(), fields), _merge(contact.values()), sum(hours.values())
-    )
+    total = _agent_figures(grand.sums, grand.histogram, sum(hours.values()))
     return Report(
         "agents", period, names, as_of, _dimension_columns(names) + AGENT_COLUMNS, rows, total
     )
