@@ -284,8 +284,13 @@ def show(console: Console, report: dict[str, Any]) -> None:
     table.add_column("measure")
     table.add_column("value", justify="right")
     table.add_column("goal")
+    sizes = details["sizes"]
     table.add_row(
-        "history", f"{report['events']:,} events", f"{report['days']} days, {details['sizes']}"
+        "history",
+        f"{report['events']:,} events",
+        f"{report['days']} days; lead_events {sizes['lead_events']}, leads {sizes['leads']}, "
+        f"assignments {sizes['assignments']}; rollup {sizes['report_leads']} + "
+        f"{sizes['report_assignments']}",
     )
     table.add_row(
         "30-day funnel by source, p50",
