@@ -958,6 +958,11 @@ def _agents(
     counts = {_decode(values, columns, codes): group.sums for codes, group in groups.items()}
     contact = {_decode(values, columns, codes): g.histogram for codes, g in groups.items()}
     agent_at = names.index("agent")
+    if names == ("agent",):
+        # Agents who were available and got nothing belong in the picture too.
+        for agent, available in hours.items():
+            if available > 0:
+                counts.setdefault((agent,), dict.fromkeys(grand.sums, 0))
     rows = [
         {
             **dict(zip(names, key, strict=True)),

@@ -43,6 +43,7 @@ id,name,team,business_lines,segments,capacity,shift,status
 a-1,王芳,t1,*,*,10,,available
 a-2,李雷,t1,*,*,10,,offline
 a-3,韩梅梅,t1,*,*,10,,offline
+a-4,张伟,t2,*,*,10,,offline
 """
 WORK = work.WorkConfig()
 
@@ -402,7 +403,8 @@ async def test_available_hours_and_conversions_per_hour(world: World) -> None:
             "INSERT INTO agent_status_log (agent_id, status, at) VALUES"
             " ('a-1', 'available', %(before)s), ('a-1', 'away', %(away)s),"
             " ('a-1', 'available', %(back)s), ('a-1', 'offline', %(off)s),"
-            " ('a-2', 'available', %(away)s), ('a-2', 'offline', %(back)s)",
+            " ('a-2', 'available', %(away)s), ('a-2', 'offline', %(back)s),"
+            " ('a-4', 'available', %(back)s), ('a-4', 'offline', %(off)s)",
             {
                 "before": start - timedelta(hours=5),
                 "away": start + timedelta(hours=2),
@@ -419,7 +421,13 @@ async def test_available_hours_and_conversions_per_hour(world: World) -> None:
     assert rows["a-2"]["conversions_per_hour"] == 0.0
     assert rows["a-3"]["available_hours"] == 0.0
     assert rows["a-3"]["conversions_per_hour"] is None
-    assert report["total"]["available_hours"] == 6.0
+    # Available for three hours and given nothing: still a row.
+    assert subset(rows["a-4"], {"assignments": 0, "available_hours": 3.0}) == {
+        "assignments": 0,
+        "available_hours": 3.0,
+    }
+    assert rows["a-4"]["conversions_per_hour"] == 0.0
+    assert report["total"]["available_hours"] == 9.0
 
 
 async def test_a_period_without_the_leads_reports_nothing_of_them(world: World) -> None:
