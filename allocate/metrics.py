@@ -40,13 +40,16 @@ QUEUE_DEPTH = Gauge(
     "leadflow_queue_depth",
     "Queued leads per queue (including those waiting for their call window or a retry time).",
     ["queue"],
+    multiprocess_mode="livemostrecent",
 )
 QUEUE_OLDEST_SECONDS = Gauge(
     "leadflow_queue_oldest_seconds",
     "Age of the oldest lead ready to be assigned, per queue.",
     ["queue"],
+    multiprocess_mode="livemostrecent",
 )
 UNROUTED = Gauge(
     "leadflow_leads_unrouted",
     "Queued leads no queue serves (only with allocation.implicit_queues false).",
+    multiprocess_mode="livemostrecent",
 )

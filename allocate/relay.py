@@ -98,13 +98,26 @@ ERRORS = Counter(
     "backoff) and unpublishable (a row Kafka will not take; held, its key waits).",
     ["kind"],
 )
-BACKLOG = Gauge("leadflow_relay_backlog", "Unpublished outbox rows (reported by the leader).")
+BACKLOG = Gauge(
+    "leadflow_relay_backlog",
+    "Unpublished outbox rows (reported by the leader).",
+    multiprocess_mode="livemostrecent",
+)
 OLDEST_SECONDS = Gauge(
     "leadflow_relay_oldest_unpublished_seconds",
     "Age of the oldest unpublished outbox row (reported by the leader).",
+    multiprocess_mode="livemostrecent",
 )
-HELD = Gauge("leadflow_relay_held", "Outbox rows held back because Kafka will not take them.")
-LEADER = Gauge("leadflow_relay_leader", "1 while this process holds the outbox lock.")
+HELD = Gauge(
+    "leadflow_relay_held",
+    "Outbox rows held back because Kafka will not take them.",
+    multiprocess_mode="livemostrecent",
+)
+LEADER = Gauge(
+    "leadflow_relay_leader",
+    "1 while this process holds the outbox lock.",
+    multiprocess_mode="livesum",
+)
 
 _READ = """
 SELECT id, topic, key, payload::text, headers

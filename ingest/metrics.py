@@ -37,6 +37,7 @@ CONSUMER_LAG = Gauge(
     "leadflow_intake_consumer_lag",
     "Records in the topic not yet taken by this worker, per partition.",
     ["topic", "partition"],
+    multiprocess_mode="livemostrecent",
 )
 RETRIES = Counter(
     "leadflow_intake_retries_total",

@@ -66,7 +66,9 @@ _MESSAGES = Counter(
 _RESTARTS = Counter(
     "leadflow_analytics_restarts_total", "Times the stream analytics app failed and restarted."
 )
-_UP = Gauge("leadflow_analytics_up", "1 while the stream analytics app runs.")
+_UP = Gauge(
+    "leadflow_analytics_up", "1 while the stream analytics app runs.", multiprocess_mode="livemax"
+)
 
 
 # --- pure parts -------------------------------------------------------------------------------

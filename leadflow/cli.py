@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import sys
 import time
 import warnings
@@ -113,13 +114,15 @@ def up(
 ) -> None:
     """Run everything in one process tree; starts embedded PostgreSQL and Kafka when no URLs are configured."""
     settings = _settings(ctx)
-    if demo:
-        _not_yet("up --demo", "the demo traffic and agents (the main-job issue)")
+    from leadflow.settings import resolve_config_path
     from leadflow.stack import up as run_up
 
-    console.print("[bold]leadflow[/] starting…")
-    run_up(settings, _announce)
+    config = resolve_config_path(ctx.obj.get("config") if ctx.obj else None, os.environ)
+    console.print("[bold]leadflow[/] starting…" + (" (demo)" if demo else ""))
+    status = run_up(settings, _announce, config_path=config, demo=demo)
     console.print("[bold]leadflow[/] stopped.")
+    if status:
+        raise typer.Exit(status)
 
 
 def _announce(runtime: dict[str, Any]) -> None:
@@ -152,6 +155,20 @@ def _announce(runtime: dict[str, Any]) -> None:
         ]:
             table.add_row(f"web {what}", f"{web}{path}", "")
     console.print(table)
+    demo = runtime.get("demo")
+    if demo:
+        console.print()
+        console.print("[bold]The demo is running.[/] Open, in a browser:")
+        console.print(f"  ops dashboard     {demo['ops_url']}", soft_wrap=True, highlight=False)
+        console.print(
+            f"  agent workbench   {demo['agent_url']}   (you are agent {demo['agent_id']})",
+            soft_wrap=True,
+            highlight=False,
+        )
+        if demo.get("tips"):
+            console.print("What to try:")
+            for tip in demo["tips"]:
+                console.print(f"  - {tip}", soft_wrap=True, highlight=False)
     console.print("Press Ctrl-C to stop.")
 
 

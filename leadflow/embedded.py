@@ -46,7 +46,7 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(sock.getsockname()[1])
 
 
-def _die_with_parent(sig: signal.Signals) -> Callable[[], None]:
+def die_with_parent(sig: signal.Signals) -> Callable[[], None]:
     """A preexec hook: the child gets `sig` when the process that started it dies."""
     parent = os.getpid()
 
@@ -106,7 +106,7 @@ def _spawn(
         stderr=subprocess.STDOUT,
         user=user,
         env=env,
-        preexec_fn=_die_with_parent(stop_signal),  # the hook runs after setuid: the signal survives
+        preexec_fn=die_with_parent(stop_signal),  # the hook runs after setuid: the signal survives
         # A process group of its own: a terminal's Ctrl-C reaches leadflow, which drains its
         # roles first and then stops the servers, instead of the servers stopping under them.
         process_group=0,

@@ -77,6 +77,7 @@ RELOADS = Counter(
 LOADED_AT = Gauge(
     "leadflow_rules_loaded_timestamp_seconds",
     "When the classification rules in use were loaded (Unix time).",
+    multiprocess_mode="livemax",
 )
 RULES_INFO = Info("leadflow_rules", "The classification rules in use: version and file.")
 

@@ -230,6 +230,27 @@ class EmbeddedSettings(_Section):
     kafka_port: int = Field(default=0, ge=0, le=65535, description="0 picks a free port.")
 
 
+class SupervisorSettings(_Section):
+    """How `leadflow up` keeps its roles (child processes) running and stops them."""
+
+    stop_timeout: Duration = Field(
+        default=timedelta(seconds=45),
+        gt=timedelta(0),
+        description="How long stopping waits for the roles to drain before killing them; "
+        "longer than scheduler.stop_timeout, so a poller finishes its page.",
+    )
+    restart_backoff_initial: Duration = Field(
+        default=timedelta(seconds=1),
+        gt=timedelta(0),
+        description="Pause before restarting a role that exited; it doubles on every exit.",
+    )
+    restart_backoff_max: Duration = Field(
+        default=timedelta(seconds=30),
+        gt=timedelta(0),
+        description="Longest pause between restarts of a role that keeps failing.",
+    )
+
+
 class LogSettings(_Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     format: Literal["console", "json"] = "console"
@@ -651,6 +672,7 @@ class Settings(BaseSettings):
     intake: IntakeSettings = Field(default_factory=IntakeSettings)
     web: WebSettings = Field(default_factory=WebSettings)
     embedded: EmbeddedSettings = Field(default_factory=EmbeddedSettings)
+    supervisor: SupervisorSettings = Field(default_factory=SupervisorSettings)
     log: LogSettings = Field(default_factory=LogSettings)
     classification: ClassificationSettings = Field(default_factory=ClassificationSettings)
     allocation: AllocationSettings = Field(default_factory=AllocationSettings)

@@ -11,8 +11,11 @@ import asyncio
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
+import sys
+import urllib.request
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -21,7 +24,9 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 import psycopg
+import structlog
 import uvicorn
+from prometheus_client import multiprocess
 from pydantic import SecretStr
 
 from allocate.allocator import Allocator, AllocatorConfig
@@ -41,6 +46,7 @@ from leadflow.logs import get_logger
 from leadflow.privacy import mask_text
 from leadflow.rules import RulesHolder, watch_rules
 from leadflow.settings import QueueSettings, Settings, masked_url
+from leadflow.supervise import ChildSpec, Supervisor, SupervisorConfig
 from leadflow.web import WebContext, create_app, create_probe_app
 from schemas.lead import Classification, CustomerContext, Lead
 from sync.pollers import Poller, PollerConfig, SchedulerConfig, SchedulerService
@@ -333,16 +339,11 @@ async def _serve(
     roles: Sequence[str],
     announce: Announce,
     *,
-    servers: EmbeddedServers | None = None,
-    runtime_path: Path | None = None,
     web_socket: socket.socket | None = None,
     probe_socket: socket.socket | None = None,
 ) -> None:
-    """Run the roles until SIGINT/SIGTERM, until an embedded server dies, or until a role fails
-    (then re-raise: a supervisor should restart a worker whose role broke).
-
-    `runtime_path` (for `up` only) records where everything runs, for `status` and `run`.
-    """
+    """Run the roles until SIGINT/SIGTERM or until a role fails (then re-raise: a supervisor
+    restarts a process whose role broke)."""
     created = await ensure_topics(settings.kafka, settings.topics)
     if created:
         log.info("topics created", topics=created)
@@ -363,8 +364,8 @@ async def _serve(
         "kafka_bootstrap": settings.kafka.bootstrap,
         "web_url": None,
         "roles": list(roles),
-        "embedded_postgres": servers is not None and servers.postgres is not None,
-        "embedded_kafka": servers is not None and servers.kafka is not None,
+        "embedded_postgres": False,
+        "embedded_kafka": False,
     }
     try:
         holder = None
@@ -436,12 +437,6 @@ async def _serve(
             tasks["analytics"] = asyncio.create_task(
                 analytics_worker(settings).run(stop), name="analytics"
             )
-        if servers is not None:
-            tasks["watch"] = asyncio.create_task(
-                _watch_servers(servers, stop), name="watch-servers"
-            )
-        if runtime_path is not None:
-            _write_runtime(runtime_path, runtime)
         announce(runtime)
         stopping = asyncio.create_task(stop.wait(), name="stop")
         done, _ = await asyncio.wait(
@@ -462,8 +457,6 @@ async def _serve(
         results = await asyncio.gather(*tasks.values(), return_exceptions=True)
         if engine is not None:
             engine.dispose()
-        if runtime_path is not None:
-            _write_runtime(runtime_path, None)
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
     for name, outcome in zip(tasks, results, strict=True):
@@ -471,15 +464,16 @@ async def _serve(
             raise RuntimeError(f"the {name} role failed: {outcome!r}") from outcome
 
 
-async def _watch_servers(servers: EmbeddedServers, stop: asyncio.Event) -> None:
+async def _watch_servers(servers: EmbeddedServers, stop: asyncio.Event) -> bool:
     while not stop.is_set():
         for name, server in (("postgres", servers.postgres), ("kafka", servers.kafka)):
             if server is not None and not server.alive():
                 log.error("embedded server exited; stopping", server=name)
                 stop.set()
-                return
+                return True
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), 1)
+    return False
 
 
 #: The roles `leadflow up` runs in one process, and those `leadflow run ROLE` can run alone.
@@ -487,60 +481,233 @@ UP_ROLES = ("web", "intake", "allocator", "relay", "staging", "scheduler", "anal
 BUILT_ROLES = frozenset(UP_ROLES)
 
 
-def up(settings: Settings, announce: Announce) -> None:
-    """Start what is not configured, migrate, create topics, serve until told to stop."""
+#: Environment a child of `leadflow up` gets (internal): its listening socket (web) and a mark
+#: that the web role serves every role's metrics, so no child binds `web.metrics_port`.
+UP_CHILD_ENV = "LEADFLOW_UP_CHILD"
+UP_WEB_FD_ENV = "LEADFLOW_UP_WEB_FD"
+#: Where the roles of `leadflow up` keep their metrics for the web role to serve them all.
+METRICS_DIR = "metrics"
+
+
+def up(
+    settings: Settings,
+    announce: Announce,
+    *,
+    config_path: Path | None = None,
+    demo: bool = False,
+) -> int:
+    """Start what is not configured, migrate, create topics, then run every role as a supervised
+    child process until told to stop. Returns the exit status: 0 when stopped, 1 when an embedded
+    server died under the roles."""
     # Ctrl-C while the servers start must still stop them: handle it as an exception until the
     # event loop takes the signals over.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     web_socket = bind_web(settings.web.host, settings.web.port)
-    endpoints = Endpoints(
-        settings.database.url.get_secret_value() if settings.database.url else None,
-        settings.kafka.bootstrap,
-    )
     servers = EmbeddedServers(
         settings.embedded.data_dir,
-        database_url=endpoints.database_url,
-        kafka_bootstrap=endpoints.kafka_bootstrap,
+        database_url=settings.database.url.get_secret_value() if settings.database.url else None,
+        kafka_bootstrap=settings.kafka.bootstrap,
         postgres_port=settings.embedded.postgres_port,
         kafka_port=settings.embedded.kafka_port,
     )
     with web_socket, servers:
         live = with_endpoints(settings, servers.database_url, servers.kafka_bootstrap)
         assert live.database.url is not None
-        engine = make_engine(live.database.url.get_secret_value())
+        database_url = live.database.url.get_secret_value()
+        engine = make_engine(database_url)
         try:
             upgrade(engine)
         finally:
             engine.dispose()
-        log.info("schema up to date", database=masked_url(live.database.url.get_secret_value()))
-        with contextlib.suppress(KeyboardInterrupt):
-            asyncio.run(
-                _serve(
+        log.info("schema up to date", database=masked_url(database_url))
+        setup = None
+        if demo:
+            from leadflow import demo as demo_package
+
+            setup = demo_package.prepare(live, database_url, settings.embedded.data_dir)
+            config_path = setup.config_path
+        try:
+            return asyncio.run(
+                _supervise(
                     live,
-                    UP_ROLES,
                     announce,
+                    config_path=config_path,
                     servers=servers,
-                    runtime_path=settings.embedded.data_dir / RUNTIME_FILE,
                     web_socket=web_socket,
+                    demo=setup,
                 )
             )
+        except KeyboardInterrupt:
+            return 0
+
+
+def _child_env(
+    settings: Settings, config_path: Path | None, metrics_dir: Path, extra: Mapping[str, str]
+) -> dict[str, str]:
+    """The environment of every child: the servers in use, the configuration file, the shared
+    metrics directory."""
+    env = dict(os.environ)
+    env.pop(UP_WEB_FD_ENV, None)
+    assert settings.database.url is not None
+    assert settings.kafka.bootstrap is not None
+    env["LEADFLOW_DATABASE_URL"] = settings.database.url.get_secret_value()
+    env["LEADFLOW_KAFKA_BOOTSTRAP"] = settings.kafka.bootstrap
+    if config_path is not None:
+        env["LEADFLOW_CONFIG"] = str(config_path.resolve())
+    else:
+        env.pop("LEADFLOW_CONFIG", None)
+    env["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir.resolve())
+    env[UP_CHILD_ENV] = "1"
+    env.update(extra)
+    return env
+
+
+async def _supervise(
+    settings: Settings,
+    announce: Announce,
+    *,
+    config_path: Path | None,
+    servers: EmbeddedServers,
+    web_socket: socket.socket,
+    demo: Any = None,
+) -> int:
+    created = await ensure_topics(settings.kafka, settings.topics)
+    if created:
+        log.info("topics created", topics=created)
+    data_dir = settings.embedded.data_dir
+    metrics_dir = data_dir / METRICS_DIR
+    shutil.rmtree(metrics_dir, ignore_errors=True)
+    metrics_dir.mkdir(parents=True)
+    env = _child_env(settings, config_path, metrics_dir, demo.env if demo is not None else {})
+    port = int(web_socket.getsockname()[1])
+    web_url = f"http://{settings.web.host}:{port}"
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    config = settings.supervisor
+    runtime_path = data_dir / RUNTIME_FILE
+    runtime: dict[str, Any] = {
+        "pid": os.getpid(),
+        "started_at": datetime.now(UTC).isoformat(),
+        "database_url": settings.database.url.get_secret_value() if settings.database.url else None,
+        "kafka_bootstrap": settings.kafka.bootstrap,
+        "web_url": web_url,
+        "roles": list(UP_ROLES),
+        "children": {},
+        "embedded_postgres": servers.postgres is not None,
+        "embedded_kafka": servers.kafka is not None,
+        "ready": False,
+    }
+
+    def changed() -> None:
+        runtime["children"] = {n: s.as_dict() for n, s in supervisor.states.items()}
+        if runtime["ready"]:  # other commands find the stack once it answers
+            _write_runtime(runtime_path, runtime)
+
+    def ended(pid: int) -> None:
+        # Gauges of a process that ended leave the web role's /metrics with it.
+        multiprocess.mark_process_dead(pid, str(metrics_dir))  # type: ignore[no-untyped-call]
+
+    supervisor = Supervisor(
+        SupervisorConfig(
+            restart_initial=config.restart_backoff_initial.total_seconds(),
+            restart_max=config.restart_backoff_max.total_seconds(),
+            stop_timeout=config.stop_timeout.total_seconds(),
+        ),
+        on_exit=ended,
+        on_change=changed,
+    )
+    command = [sys.executable, "-m", "leadflow", "run"]
+    web_socket.set_inheritable(True)
+    for role in UP_ROLES:
+        if role == "web":
+            fd = web_socket.fileno()
+            spec = ChildSpec(role, [*command, role], {**env, UP_WEB_FD_ENV: str(fd)}, (fd,))
+        else:
+            spec = ChildSpec(role, [*command, role], env)
+        supervisor.start(spec)
+    watch = asyncio.create_task(_watch_servers(servers, stop), name="watch-servers")
+    running = asyncio.create_task(supervisor.run(stop), name="supervisor")
+    try:
+        if await _wait_web(web_url, stop):
+            if demo is not None:
+                supervisor.start(
+                    ChildSpec(
+                        "demo",
+                        [sys.executable, "-m", "leadflow.demo"],
+                        {**env, "LEADFLOW_DEMO_WEB_URL": web_url},
+                    )
+                )
+                runtime["demo"] = {
+                    "ops_url": f"{web_url}/ops#token={demo.ops_token}",
+                    "agent_url": f"{web_url}/agent#token={demo.agent_token}",
+                    "agent_id": demo.agent_id,
+                    "tips": list(demo.tips),
+                }
+            runtime["ready"] = True
+            changed()
+            announce(runtime)
+        await running
+    finally:
+        stop.set()
+        await running
+        died = watch.done() and watch.result()
+        watch.cancel()
+        _write_runtime(runtime_path, None)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+    return 1 if died else 0
+
+
+async def _wait_web(web_url: str, stop: asyncio.Event) -> bool:
+    """Wait until the web role answers /healthz (True), or until stopping (False)."""
+    url = f"{web_url}/healthz"
+
+    def probe() -> bool:
+        try:
+            with urllib.request.urlopen(url, timeout=1) as response:  # noqa: S310 - our own URL
+                return bool(response.status == 200)
+        except OSError:
+            return False
+
+    while not stop.is_set():
+        if await asyncio.to_thread(probe):
+            return True
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), 0.25)
+    return False
 
 
 def serve_role(settings: Settings, endpoints: Endpoints, role: str, announce: Announce) -> None:
-    """`leadflow run ROLE`: one role against existing servers, until SIGINT/SIGTERM."""
+    """`leadflow run ROLE`: one role against existing servers, until SIGINT/SIGTERM.
+
+    Started by `leadflow up`, the web role listens on the socket `up` hands it (kept open across
+    restarts) and the other roles open no metrics port: the web role serves everyone's metrics.
+    """
     if role not in BUILT_ROLES:
         raise ValueError(f"role {role!r} is not built yet")
+    structlog.contextvars.bind_contextvars(role=role)
     live = with_endpoints(settings, endpoints.database_url, endpoints.kafka_bootstrap)
+    under_up = os.environ.get(UP_CHILD_ENV) == "1"
+    inherited = os.environ.get(UP_WEB_FD_ENV)
+    if under_up:  # `leadflow up` announces the whole stack once
+
+        def announce(runtime: dict[str, Any]) -> None:
+            log.info("role ready", pid=runtime["pid"])
+
     with contextlib.ExitStack() as stack, contextlib.suppress(KeyboardInterrupt):
-        web_socket = (
-            stack.enter_context(bind_web(settings.web.host, settings.web.port))
-            if role == "web"
-            else None
-        )
+        web_socket = None
+        if role == "web":
+            web_socket = stack.enter_context(
+                socket.socket(fileno=int(inherited))
+                if inherited
+                else bind_web(settings.web.host, settings.web.port)
+            )
         port = settings.web.metrics_port
         probe_socket = (
             stack.enter_context(bind_web(settings.web.host, port))
-            if role != "web" and port is not None
+            if role != "web" and port is not None and not under_up
             else None
         )
         asyncio.run(

@@ -8,6 +8,7 @@ configured topics present; otherwise 503 with what is missing, never a stack tra
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ from typing import Any
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
-from prometheus_client import Counter, Histogram, make_asgi_app
+from prometheus_client import CollectorRegistry, Counter, Histogram, make_asgi_app, multiprocess
 from sqlalchemy.engine import Engine
 
 from ingest.chain import IntakeChain
@@ -26,6 +27,7 @@ from leadflow import __version__, api
 from leadflow.db import check_database, schema_version
 from leadflow.errors import ServiceUnavailable
 from leadflow.kafka import describe_topics
+from leadflow.rules import RULES_INFO
 from leadflow.settings import Settings
 
 READY_TIMEOUT_SECONDS = 3.0
@@ -76,6 +78,18 @@ _PAGE_HEADERS = {
 }
 
 
+def _metrics_app() -> Any:
+    """Prometheus metrics of this process; under `leadflow up` (PROMETHEUS_MULTIPROC_DIR set)
+    those of every role: each process writes its samples there, this sums them up."""
+    directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if not directory:
+        return make_asgi_app()
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry, path=directory)  # type: ignore[no-untyped-call]
+    registry.register(RULES_INFO)  # an info metric lives in its process: the web role's rules
+    return make_asgi_app(registry=registry)
+
+
 def create_probe_app(context: WebContext, *, role: str = "web") -> FastAPI:
     """Liveness, readiness and Prometheus metrics: what every role serves (the web role adds
     the API and pages; others serve this alone on `web.metrics_port`)."""
@@ -84,7 +98,7 @@ def create_probe_app(context: WebContext, *, role: str = "web") -> FastAPI:
         version=__version__,
         description="Lead ingestion and distribution for telesales call centers.",
     )
-    app.mount("/metrics", make_asgi_app())
+    app.mount("/metrics", _metrics_app())
 
     @app.get("/healthz", tags=["health"], summary="Liveness: the process serves requests")
     async def healthz() -> dict[str, str]:

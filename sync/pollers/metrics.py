@@ -29,16 +29,19 @@ LAST_SUCCESS = Gauge(
     "leadflow_poller_last_success_timestamp_seconds",
     "Unix time of the source's last successful run (0: none yet).",
     ["source"],
+    multiprocess_mode="max",
 )
 FAILURES = Gauge(
     "leadflow_poller_consecutive_failures",
     "Failed runs of the source in a row (0 after a success).",
     ["source"],
+    multiprocess_mode="livemostrecent",
 )
 WATERMARK = Gauge(
     "leadflow_poller_watermark_timestamp_seconds",
     "The source's watermark as Unix time, when the watermark is a timestamp or a date.",
     ["source"],
+    multiprocess_mode="mostrecent",
 )
 RUN_SECONDS = Histogram(
     "leadflow_poller_run_seconds",
@@ -49,4 +52,5 @@ RUN_SECONDS = Histogram(
 LEADER = Gauge(
     "leadflow_poller_scheduler_leader",
     "1 while this process holds the scheduler lock and runs the sources' jobs.",
+    multiprocess_mode="livesum",
 )

@@ -15,6 +15,7 @@ EXTRACTS = Gauge(
     "leadflow_staging_extracts",
     "Extracts in the manifest by state, as this loader last read them.",
     ["state"],
+    multiprocess_mode="livemostrecent",
 )
 EXTRACTS_FINISHED = Counter(
     "leadflow_staging_extracts_finished_total",
