@@ -1,0 +1,5 @@
+"""`python -m leadflow.demo`: the demo feeder (started by `leadflow up --demo`)."""
+
+from leadflow.demo import main
+
+main()
