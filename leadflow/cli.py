@@ -14,7 +14,7 @@ import os
 import sys
 import time
 import warnings
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
@@ -339,9 +339,39 @@ def _status_view(settings: Settings, endpoints: Any) -> tuple[Group, bool]:
     parts.append(servers)
     if topics_table is not None:
         parts.append(topics_table)
+    roles = _roles_table(settings) if endpoints.from_runtime_file else None
+    if roles is not None:
+        parts.append(roles)
     if picture is not None:
         parts += _pipeline_tables(picture)
     return Group(*parts), healthy
+
+
+def _roles_table(settings: Settings) -> Table | None:
+    """The role processes of the `leadflow up` running from this directory."""
+    from leadflow.stack import read_runtime
+
+    runtime = read_runtime(settings.embedded.data_dir)
+    children = (runtime or {}).get("children") or {}
+    if not children:
+        return None
+    now = datetime.now(UTC)
+    table = Table(title="roles (leadflow up)", title_justify="left")
+    for column in ("role", "pid", "up for", "restarts", "last exit"):
+        table.add_column(column, justify="right" if column in ("pid", "restarts") else "left")
+    for name, child in children.items():
+        started = child.get("started_at")
+        running = child.get("pid") is not None
+        table.add_row(
+            name,
+            str(child["pid"]) if running else "[red]restarting[/]",
+            _age((now - datetime.fromisoformat(started)).total_seconds())
+            if running and started
+            else "-",
+            str(child.get("restarts", 0)),
+            child.get("last_exit") or "",
+        )
+    return table
 
 
 def _pipeline_tables(p: dict[str, Any]) -> list[Any]:

@@ -4,9 +4,11 @@ A child that exits while leadflow is not stopping is logged and started again af
 (doubling from `restart_initial` to `restart_max`, with jitter; a child that ran `stable_after`
 starts afresh from `restart_initial`). Stopping sends SIGTERM to every child at once — each
 role drains: it finishes or rolls back the batch in hand — and SIGKILLs the process group of
-any child still running `stop_timeout` later. Children get a parent-death signal and run in
-their own process groups: a `kill -9` of the supervisor still stops them, and a terminal's
-Ctrl-C reaches only the supervisor, which stops them in order.
+any child still running `stop_timeout` later. Children run in their own process groups, so a
+terminal's Ctrl-C reaches only the supervisor, which stops them as above; and they get SIGKILL
+as a parent-death signal, so a `kill -9` of the supervisor takes them with it (a role may not
+be able to drain then — the embedded servers die with the supervisor too — and every role
+writes in transactions, so a killed one leaves nothing half-written).
 """
 
 from __future__ import annotations
@@ -130,7 +132,7 @@ class Supervisor:
                     stdin=subprocess.DEVNULL,
                     pass_fds=spec.pass_fds,
                     process_group=0,
-                    preexec_fn=die_with_parent(signal.SIGTERM),
+                    preexec_fn=die_with_parent(signal.SIGKILL),
                 )
             except OSError as exc:
                 outcome = f"could not start: {exc.strerror or exc}"
