@@ -51,6 +51,7 @@ from leadflow.demo.setup import (
     SOURCE_NAME,
     TOKENS_FILE,
     WEB_URL_VARIABLE,
+    crm_rows,
     read_tokens,
 )
 from leadflow.demo.traffic import (
@@ -78,26 +79,27 @@ TABLE_PREFIX: Final = "demo_"
 class FeederConfig:
     """Rates of the demo; the defaults show every channel within a minute and stay bounded."""
 
-    events_per_second: float = 1.5
+    events_per_second: float = 1.2
     burst_every: tuple[float, float] = (60.0, 150.0)  # seconds between campaign pushes
     burst_seconds: float = 3.0
     burst_factor: float = 8.0  # the rate during a push
     stock_first: float = 5.0
     stock_interval: float = 30.0
-    stock_new: tuple[int, int] = (3, 8)
+    stock_new: tuple[int, int] = (2, 6)
     stock_updated: tuple[int, int] = (1, 3)
     stock_cap: int = 5000  # warehouse rows kept; the oldest go beyond it
     staging_first: float = 10.0
-    staging_interval: float = 240.0
-    staging_rows: tuple[int, int] = (120, 240)
+    staging_interval: float = 300.0
+    staging_rows: tuple[int, int] = (80, 160)
     staging_keep: int = 2  # loaded demo tables kept to look at
-    agent_poll: tuple[float, float] = (1.0, 3.0)
+    agent_poll: tuple[float, float] = (1.0, 3.0)  # with nothing to do
+    next_lead: tuple[float, float] = (0.3, 1.0)  # after a lead, before the next
     breaks_per_hour: float = 3.0
     break_seconds: tuple[float, float] = (30.0, 90.0)
     back_from_away: tuple[float, float] = (20.0, 60.0)  # agents who start away come back
     pace_interval: float = 5.0
-    backlog_soft: int = 150  # queued leads ready to call: full pace up to here
-    backlog_hard: int = 600  # a tenth of the pace from here on
+    backlog_soft: int = 100  # queued leads ready to call: full pace up to here
+    backlog_hard: int = 400  # a tenth of the pace from here on
     report_interval: float = 60.0
     request_timeout: float = 5.0
     stop_grace: float = 3.0
@@ -317,18 +319,17 @@ class Feeder:
     async def _warehouse_tick(self, conn: psycopg.AsyncConnection[Any]) -> None:
         config, rng = self.config, self.rng
         stamp = int(time.time() * 1000)
-        users = [crm_user(rng, f"crm-{stamp}-{n}") for n in range(rng.randint(*config.stock_new))]
+        count = rng.randint(*config.stock_new)
+        users = [crm_user(rng, f"crm-{stamp}-{n}", silent=0.9) for n in range(count)]
         now = datetime.now(UTC)
         async with conn.transaction():
             async with conn.cursor() as cursor:
-                await cursor.executemany(
-                    CRM_INSERT,
-                    [(u.user_id, u.mobile, u.nick, u.region, u.ltv, list(u.tags), u.silent_days, now)
-                     for u in users],
-                )  # fmt: skip
-            # A few known users changed: the poller reads them again, their leads merge.
+                await cursor.executemany(CRM_INSERT, crm_rows(users, now))
+            # A few known users changed (or fell silent): the poller reads them (again), and
+            # the events of those it read before merge into their leads.
             await conn.execute(
-                "UPDATE crm_silent_users SET ltv = ltv * 1.1, updated_at = clock_timestamp() "
+                "UPDATE crm_silent_users "
+                "SET ltv = ltv * 1.1, silent = true, updated_at = clock_timestamp() "
                 "WHERE user_id IN (SELECT user_id FROM crm_silent_users "
                 "ORDER BY random() LIMIT %s)",
                 (rng.randint(*config.stock_updated),),
@@ -349,7 +350,7 @@ class Feeder:
         kinds = itertools.cycle(EXTRACT_KINDS)
         kind = next(kinds)
         while not self.stop.is_set():
-            if self.stats.pace >= 0.5:
+            if self.stats.pace >= 0.7:
                 rows = rng.randint(*config.staging_rows)
                 extract = staging_extract(rng, datetime.now(UTC), kind, rows)
                 await asyncio.to_thread(self._submit_extract, extract)
@@ -479,6 +480,7 @@ class Feeder:
                 listed = {item["id"] for item in items}
                 ignored.intersection_update(listed)
                 todo = [item for item in items if item["id"] not in ignored]
+                pause = config.agent_poll
                 if todo:
                     plan = plan_assignment(rng)
                     if plan.action == "ignore":
@@ -486,9 +488,10 @@ class Feeder:
                         self.stats.add("left_to_expire")
                     else:
                         await self._work(client, todo[0]["id"], plan)
+                    pause = config.next_lead
                 elif not items and rng.random() < self._break_chance():
                     await self._break(client, rng)
-                if await self.sleep(rng.uniform(*config.agent_poll)):
+                if await self.sleep(rng.uniform(*pause)):
                     return
 
         return body

@@ -44,8 +44,9 @@ SOURCE_NAME: Final = "crm_silent_high_value"
 CRM_TABLE: Final = "crm_silent_users"
 CRM_URL_VARIABLE: Final = "LEADFLOW_DEMO_CRM_URL"
 WEB_URL_VARIABLE: Final = "LEADFLOW_DEMO_WEB_URL"
-#: Rows the warehouse table starts with.
-CRM_INITIAL_ROWS: Final = 240
+#: Rows the warehouse table starts with, and the share of them that are silent (polled).
+CRM_INITIAL_ROWS: Final = 300
+CRM_INITIAL_SILENT: Final = 0.4
 TOKEN_LABEL: Final = "leadflow demo"  # noqa: S105 - a label, not a secret
 TOKENS_FILE: Final = "tokens.json"
 CONFIG_FILE: Final = "leadflow.yaml"
@@ -101,8 +102,9 @@ CREATE TABLE IF NOT EXISTS crm_silent_users (
 CREATE INDEX IF NOT EXISTS crm_silent_users_updated ON crm_silent_users (updated_at, user_id);
 """
 CRM_INSERT: Final = """
-INSERT INTO crm_silent_users (user_id, mobile, nick, region, ltv, tags, silent_days, updated_at)
-VALUES (%s, %s, %s, %s, %s, %s, %s, %s)
+INSERT INTO crm_silent_users
+    (user_id, mobile, nick, region, ltv, tags, silent_days, silent, updated_at)
+VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)
 ON CONFLICT (user_id) DO NOTHING
 """
 
@@ -131,13 +133,17 @@ def ensure_crm_database(database_url: str) -> str:
     return crm_url
 
 
+def crm_rows(users: list[CrmUser], now: datetime) -> list[tuple[Any, ...]]:
+    """Parameters of CRM_INSERT: the users, updated `now`."""
+    return [
+        (u.user_id, u.mobile, u.nick, u.region, u.ltv, list(u.tags), u.silent_days, u.silent, now)
+        for u in users
+    ]
+
+
 def insert_crm_users(conn: psycopg.Connection[Any], users: list[CrmUser], now: datetime) -> None:
-    """Users the warehouse marks as silent and high-value, updated `now` (one statement)."""
-    conn.cursor().executemany(
-        CRM_INSERT,
-        [(u.user_id, u.mobile, u.nick, u.region, u.ltv, list(u.tags), u.silent_days, now)
-         for u in users],
-    )  # fmt: skip
+    """Users with a high-value tag, updated `now` (one statement)."""
+    conn.cursor().executemany(CRM_INSERT, crm_rows(users, now))
 
 
 def seed_crm(crm_url: str, now: datetime, rng: random.Random) -> int:
@@ -151,7 +157,8 @@ def seed_crm(crm_url: str, now: datetime, rng: random.Random) -> int:
             with conn.transaction():
                 for n in range(CRM_INITIAL_ROWS):
                     when = now - timedelta(days=rng.uniform(1, 28))
-                    insert_crm_users(conn, [crm_user(rng, f"crm-{n + 1:07d}")], when)
+                    user = crm_user(rng, f"crm-{n + 1:07d}", silent=CRM_INITIAL_SILENT)
+                    insert_crm_users(conn, [user], when)
             count = CRM_INITIAL_ROWS
     return count
 

@@ -400,10 +400,12 @@ class CrmUser:
     ltv: int
     tags: tuple[str, ...]
     silent_days: int
+    silent: bool
 
 
-def crm_user(rng: random.Random, user_id: str) -> CrmUser:
-    """One silent user with a high-value tag; 2% with a phone the poller will reject."""
+def crm_user(rng: random.Random, user_id: str, *, silent: float = 1.0) -> CrmUser:
+    """One user with a high-value tag, silent with probability `silent` (the source reads only
+    silent ones); 2% with a phone the poller will reject."""
     mobile = mainland_mobile(rng)
     if rng.random() < 0.02:
         mobile = rng.choice(INVALID_PHONES)
@@ -416,6 +418,7 @@ def crm_user(rng: random.Random, user_id: str) -> CrmUser:
         ltv=rng.choice([20_000, 35_000, 60_000, 80_000, 150_000, 300_000, 1_200_000]),
         tags=rng.choice(CRM_TAGS),
         silent_days=rng.randrange(30, 365),
+        silent=rng.random() < silent,
     )
 
 
@@ -571,8 +574,8 @@ def plan_assignment(rng: random.Random) -> Plan:
         "work",
         outcome,
         contact=answered,
-        dial_seconds=rng.uniform(1.0, 4.0),
-        talk_seconds=rng.uniform(2.0, 6.0) if answered else 0.0,
+        dial_seconds=rng.uniform(1.0, 3.0),
+        talk_seconds=rng.uniform(2.0, 5.0) if answered else 0.0,
         callback_in=timedelta(seconds=rng.uniform(60, 180)) if outcome == "callback" else None,
         note=rng.choice(NOTES[outcome]),
     )

@@ -182,3 +182,36 @@ def _wait_for_web(port: int, web: RoleProcess) -> None:
         except OSError:
             time.sleep(0.3)
     raise AssertionError("the web role did not answer within 30 s")
+
+
+def test_the_data_team_drops_its_loaded_tables_but_the_newest(db_url: str) -> None:
+    from leadflow.demo.feeder import Endpoints, Feeder, FeederConfig
+    from sync.staging import Submission, submit
+
+    feeder = Feeder(
+        Settings(), Endpoints(db_url, "127.0.0.1:9", "http://127.0.0.1:9", db_url), {},
+        FeederConfig(staging_keep=1),
+    )  # fmt: skip
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        for name in ("demo_a", "demo_b", "demo_c", "demo_orphan", "theirs"):
+            conn.execute(
+                sql.SQL("CREATE TABLE staging.{} (phone text)").format(sql.Identifier(name))
+            )
+        ids = {
+            name: submit(conn, "staging", Submission(name))
+            for name in ("demo_a", "demo_b", "demo_c")
+        }
+        conn.execute(
+            "UPDATE staging.extracts SET state = 'loaded' WHERE id = ANY(%s)",
+            ([ids["demo_a"], ids["demo_b"]],),
+        )
+        feeder._drop_loaded(conn, "staging")
+        left = {
+            name
+            for (name,) in conn.execute(
+                "SELECT tablename FROM pg_tables WHERE schemaname = 'staging' "
+                "AND tablename NOT LIKE 'extract%'"
+            ).fetchall()
+        }
+    # The newest submitted (still pending) and the data team's other tables stay.
+    assert left == {"demo_c", "theirs"}
