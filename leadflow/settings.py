@@ -268,7 +268,7 @@ class ClassificationSettings(_Section):
     rules_file: Path | None = Field(
         default=None,
         description="The rules file; relative paths are read from the configuration file's "
-        "directory. Unset: the demo rules, deploy/rules.example.yaml of this installation.",
+        "directory. Unset: the demo rules shipped with leadflow (deploy/rules.example.yaml).",
     )
     default_business_line: str = Field(default="general", pattern=_NAME_PATTERN)
     default_segment: str = Field(default="general", pattern=_NAME_PATTERN)

@@ -59,7 +59,7 @@ def test_the_sample_day_against_the_demo_roster(tmp_path: Path) -> None:
         "to": "2026-11-25T00:00:00+08:00",
         "hours": 24.0,
     }
-    assert report["input"]["rules"].endswith("rules.example.yaml")
+    assert report["input"]["rules"].endswith("leadflow/demo/rules.yaml")  # the demo rules
     assert report["input"]["queues"] == "configuration"
 
     intake = report["intake"]
