@@ -20,7 +20,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from zoneinfo import ZoneInfo
 
 import psycopg
@@ -51,6 +51,9 @@ from leadflow.web import WebContext, create_app, create_probe_app
 from schemas.lead import Classification, CustomerContext, Lead
 from sync.pollers import Poller, PollerConfig, SchedulerConfig, SchedulerService
 from sync.staging import LoaderConfig, StagingLoader
+
+if TYPE_CHECKING:
+    from leadflow.demo import DemoSetup
 
 log = get_logger("leadflow.stack")
 
@@ -569,7 +572,7 @@ async def _supervise(
     config_path: Path | None,
     servers: EmbeddedServers,
     web_socket: socket.socket,
-    demo: Any = None,
+    demo: DemoSetup | None = None,
 ) -> int:
     created = await ensure_topics(settings.kafka, settings.topics)
     if created:
