@@ -199,6 +199,10 @@ class AnalyticsConfig:
     flush_interval: timedelta
     retention: timedelta
     retry_backoff_max: timedelta
+    #: Faust's defaults (60 s) keep a restarted worker out of its group for up to a minute or
+    #: two while the broker waits on the member that left; the intake's figures serve here.
+    session_timeout: timedelta = timedelta(seconds=10)
+    heartbeat_interval: timedelta = timedelta(seconds=3)
 
 
 # Adds counts (JSON numbers) and histograms (objects of bucket -> count) to what is there.
@@ -326,6 +330,9 @@ class StreamAnalytics:
             topic_partitions=partitions[self.topics.raw],
             topic_replication_factor=self.topics.replication_factor,
             table_cleanup_interval=60.0,
+            broker_session_timeout=self.config.session_timeout.total_seconds(),
+            broker_rebalance_timeout=self.config.session_timeout.total_seconds(),
+            broker_heartbeat_interval=self.config.heartbeat_interval.total_seconds(),
         )
         expires = self.config.retention + timedelta(minutes=5)
 
@@ -421,6 +428,8 @@ def analytics_worker(settings: Settings) -> StreamAnalytics:
             flush_interval=section.flush_interval,
             retention=section.retention,
             retry_backoff_max=settings.intake.retry_backoff_max,
+            session_timeout=section.session_timeout,
+            heartbeat_interval=section.heartbeat_interval,
         ),
         settings.kafka,
         settings.topics,

@@ -192,6 +192,11 @@ class IntakeSettings(_Section):
         default=timedelta(seconds=3), ge=timedelta(milliseconds=100)
     )
 
+    @model_validator(mode="after")
+    def _heartbeat(self) -> IntakeSettings:
+        _heartbeat_below_session(self)
+        return self
+
     @field_validator("default_region")
     @classmethod
     def _known_region(cls, value: str) -> str:
@@ -422,6 +427,28 @@ class AnalyticsSettings(_Section):
         ge=timedelta(minutes=5),
         description="How long per-minute figures are kept (faust windows and stream_minutes).",
     )
+    session_timeout: Duration = Field(
+        default=timedelta(seconds=10),
+        ge=timedelta(seconds=1),
+        description="A worker silent this long leaves the group; also how long a rebalance "
+        "waits for the group's members to rejoin.",
+    )
+    heartbeat_interval: Duration = Field(
+        default=timedelta(seconds=3), ge=timedelta(milliseconds=100)
+    )
+
+    @model_validator(mode="after")
+    def _heartbeat(self) -> AnalyticsSettings:
+        _heartbeat_below_session(self)
+        return self
+
+
+def _heartbeat_below_session(section: IntakeSettings | AnalyticsSettings) -> None:
+    """Kafka drops a member that heartbeats less often than its session timeout."""
+    if section.heartbeat_interval >= section.session_timeout:
+        raise ValueError(
+            "heartbeat_interval must be shorter than session_timeout (about a third of it)"
+        )
 
 
 class RelaySettings(_Section):

@@ -102,6 +102,16 @@ def test_secrets_are_secret_str(tmp_path: Path) -> None:
         ("database:\n  url: ${DB_URL}\n", {}, ["database.url", "DB_URL is not set"]),
         ("topics:\n  partitions: 0\n", {}, ["topics.partitions", "greater than or equal to 1"]),
         ("log:\n  level: LOUD\n", {}, ["log.level"]),
+        (
+            "analytics:\n  session_timeout: 5s\n  heartbeat_interval: 5s\n",
+            {},
+            ["analytics", "heartbeat_interval must be shorter than session_timeout"],
+        ),
+        (
+            "intake:\n  heartbeat_interval: 30s\n",
+            {},
+            ["intake", "heartbeat_interval must be shorter than session_timeout"],
+        ),
     ],
 )
 def test_a_broken_file_names_file_key_and_reason(
