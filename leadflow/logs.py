@@ -32,6 +32,10 @@ def configure(level: str = "INFO", fmt: str = "console") -> None:
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
+        # Tracebacks as plain text in the event, before the masking: an exception's message
+        # (a unique violation's DETAIL, say) and the source lines shown can hold a phone. In
+        # JSON this is also what puts the traceback in the line at all.
+        structlog.processors.format_exc_info,
         # Last, so nothing added after it escapes: phones and e-mails never reach a log line.
         mask_log_event,
     ]

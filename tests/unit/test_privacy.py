@@ -59,3 +59,27 @@ def test_log_lines_never_carry_phones_or_emails(capsys: pytest.CaptureFixture[st
     assert lines[0]["phone"] == "+86138****8000"
     assert lines[0]["row"] == {"mail": "l***@example.com"}
     assert lines[1]["event"] == "stdlib says 138****8000"
+
+
+@pytest.mark.parametrize("fmt", ["json", "console"])
+def test_tracebacks_are_logged_masked(fmt: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """An exception's message and the source lines of its traceback can hold personal data (a
+    unique violation's DETAIL names the key): logged, they are masked like everything else."""
+    logs.configure("INFO", fmt)
+    try:
+        try:
+            raise ValueError("Key (phone)=(+8613800138000) exists; li.lei@example.com")
+        except ValueError:
+            structlog.stdlib.get_logger("t").exception("insert failed")
+            logging.getLogger("plain").exception("stdlib insert failed")
+    finally:
+        logs.configure("INFO", "console")
+    err = capsys.readouterr().err
+    assert "13800138000" not in err
+    assert "li.lei@" not in err
+    assert err.count("ValueError: Key (phone)=(+86138****8000) exists; l***@example.com") == 2
+    assert err.count("Traceback (most recent call last)") == 2
+    if fmt == "json":
+        lines = [json.loads(line) for line in err.splitlines()]
+        assert [line["event"] for line in lines] == ["insert failed", "stdlib insert failed"]
+        assert all("Traceback" in line["exception"] for line in lines)
