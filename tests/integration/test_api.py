@@ -129,14 +129,17 @@ def assert_error(response: httpx.Response, status: int, code: str) -> dict[str, 
 
 # --- authentication and the role matrix ------------------------------------------------------
 
+#: An assignment that does not exist; fixed, so the tests' ids are the same in every process.
+UNKNOWN = "0b9e8f3c-5d2a-4e71-8c46-1f7a9d3b2e50"
+
 ROUTES: list[tuple[str, str, Any]] = [
     ("GET", "/api/v1/me", None),
     ("GET", "/api/v1/me/assignments", None),
     ("POST", "/api/v1/me/status", {"status": "away"}),
-    ("GET", f"/api/v1/assignments/{uuid.uuid4()}", None),
-    ("POST", f"/api/v1/assignments/{uuid.uuid4()}/contact", None),
-    ("POST", f"/api/v1/assignments/{uuid.uuid4()}/disposition", {"outcome": "no_answer"}),
-    ("POST", f"/api/v1/assignments/{uuid.uuid4()}/reject", {"reason": "busy"}),
+    ("GET", f"/api/v1/assignments/{UNKNOWN}", None),
+    ("POST", f"/api/v1/assignments/{UNKNOWN}/contact", None),
+    ("POST", f"/api/v1/assignments/{UNKNOWN}/disposition", {"outcome": "no_answer"}),
+    ("POST", f"/api/v1/assignments/{UNKNOWN}/reject", {"reason": "busy"}),
     ("GET", "/api/v1/queues", None),
     ("GET", "/api/v1/pipeline", None),
     ("GET", "/api/v1/reports/funnel", None),
