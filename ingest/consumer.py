@@ -293,6 +293,17 @@ class KafkaIntake:
             )
 
 
+def forget_lag(tp: TopicPartition) -> None:
+    """Stop reporting the lag of a partition this worker no longer owns; left alone, its last
+    figure would stay in /metrics beside the new owner's and add up in every alert. Zero first:
+    where the roles share a metrics directory (`leadflow up`), removal leaves the file's last
+    value, and the newest value of a live process is the one served."""
+    labels = (tp.topic, str(tp.partition))
+    metrics.CONSUMER_LAG.labels(*labels).set(0)
+    with contextlib.suppress(KeyError):
+        metrics.CONSUMER_LAG.remove(*labels)
+
+
 class _SeekToStoredOffsets(ConsumerRebalanceListener):  # type: ignore[misc]
     """On assignment, continue from the offsets PostgreSQL holds; on revocation, let the batch
     in hand commit first, so the next owner starts where this one ended."""
@@ -305,6 +316,8 @@ class _SeekToStoredOffsets(ConsumerRebalanceListener):  # type: ignore[misc]
         async with self.intake.busy:  # the batch in hand commits first
             if revoked:
                 self.intake.generation += 1
+        for tp in revoked:
+            forget_lag(tp)
 
     async def on_partitions_assigned(self, assigned: Sequence[TopicPartition]) -> None:
         if not assigned:
