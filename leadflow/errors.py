@@ -13,3 +13,7 @@ class ServiceUnavailable(LeadflowError, RuntimeError):
 
 class StartupError(LeadflowError):
     """leadflow cannot start here as configured (e.g. its web port is taken)."""
+
+
+class RoleFailed(LeadflowError):
+    """A role of `leadflow run` stopped by itself; its traceback is in the log, masked."""

@@ -40,7 +40,7 @@ from ingest.store import Classifier, LeadStore
 from leadflow.analytics import analytics_worker
 from leadflow.db import make_engine, upgrade
 from leadflow.embedded import EmbeddedServers
-from leadflow.errors import StartupError
+from leadflow.errors import RoleFailed, StartupError
 from leadflow.kafka import ensure_topics
 from leadflow.logs import get_logger
 from leadflow.privacy import mask_text
@@ -357,6 +357,7 @@ async def _serve(
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     tasks: dict[str, asyncio.Task[Any]] = {}
+    failed: dict[str, str] = {}
     engine = None
     web: _Server | None = None
     probe: _Server | None = None
@@ -447,10 +448,17 @@ async def _serve(
         )
         stopping.cancel()
         for task in done:
-            if task is not stopping and task.exception() is not None:
-                log.error(
-                    "role failed; stopping", role=task.get_name(), error=repr(task.exception())
-                )
+            if task is stopping:
+                continue
+            # A role runs until told to stop: one that ends before, even quietly, has failed.
+            if task.cancelled():
+                failed[task.get_name()] = "cancelled"
+            elif (error := task.exception()) is not None:
+                failed[task.get_name()] = mask_text(repr(error))
+            elif not stop.is_set():
+                failed[task.get_name()] = "ended by itself"
+        for name, why in failed.items():
+            log.error("role failed; stopping", role=name, error=why)
     finally:
         log.info("stopping")
         stop.set()
@@ -462,9 +470,15 @@ async def _serve(
             engine.dispose()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
+    # Exit 1 (a supervisor restarts the process) with the traceback in the log, where personal
+    # data is masked, rather than printed raw by the interpreter.
     for name, outcome in zip(tasks, results, strict=True):
         if isinstance(outcome, BaseException) and not isinstance(outcome, asyncio.CancelledError):
-            raise RuntimeError(f"the {name} role failed: {outcome!r}") from outcome
+            log.error("role traceback", role=name, exc_info=outcome)
+            raise RoleFailed(f"the {name} role failed: {mask_text(repr(outcome))}") from outcome
+    if failed:  # cancelled or ended by itself: nothing raised to chain from
+        name, why = next(iter(failed.items()))
+        raise RoleFailed(f"the {name} role failed: {why}")
 
 
 async def _watch_servers(servers: EmbeddedServers, stop: asyncio.Event) -> bool:
