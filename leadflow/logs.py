@@ -16,6 +16,9 @@ _QUIET = {
     "alembic": logging.WARNING,
     # faust-streaming and its service framework narrate every start, rebalance and stop.
     "faust": logging.WARNING,
+    # Its only warning, "producer buffer full", is faust's normal backpressure on a burst of
+    # table changes (more than 100 waiting): it flushes and goes on.
+    "faust.transport.producer": logging.ERROR,
     "mode": logging.WARNING,
     # APScheduler logs every job's start and end; the pollers log their runs themselves.
     "apscheduler": logging.WARNING,
