@@ -85,7 +85,12 @@ class DatabaseSettings(_Section):
         default=None,
         description="SQLAlchemy/libpq URL of PostgreSQL; unset means the embedded server.",
     )
-    pool_size: int = Field(default=10, ge=1, le=200)
+    pool_size: int = Field(
+        default=10,
+        ge=1,
+        le=200,
+        description="The web role's SQLAlchemy pool; the other roles hold a few connections each.",
+    )
     connect_timeout: Duration = Field(default=timedelta(seconds=5), gt=timedelta(0))
 
     @field_validator("url", mode="before")
