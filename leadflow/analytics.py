@@ -200,7 +200,7 @@ class AnalyticsConfig:
     retention: timedelta
     retry_backoff_max: timedelta
     #: Faust's defaults (60 s) keep a restarted worker out of its group for up to a minute or
-    #: two while the broker waits on the member that left; the intake's figures serve here.
+    #: two while the broker waits on the member that left; the intake's defaults serve here too.
     session_timeout: timedelta = timedelta(seconds=10)
     heartbeat_interval: timedelta = timedelta(seconds=3)
 
