@@ -142,10 +142,16 @@ def test_the_feeder_drives_every_channel_and_the_agents(
                 stderr=subprocess.STDOUT,
             )
         deadline = time.monotonic() + 50
+
+        def flowing(counts: dict[str, int]) -> bool:  # everything asserted below, at once
+            return bool(
+                counts["realtime"] and counts["stock"] and counts["extracts"]
+                and counts["staging"] and counts["dispositions"] and counts["contacted"]
+                and counts["lines"] >= 3
+            )  # fmt: skip
+
         counts = _counts(db_url)
-        while time.monotonic() < deadline and not (
-            counts["realtime"] and counts["stock"] and counts["staging"] and counts["dispositions"]
-        ):
+        while time.monotonic() < deadline and not flowing(counts):
             for role in roles:
                 role.assert_alive()
             assert feeder.poll() is None, feeder_log.read_text()[-3000:]
