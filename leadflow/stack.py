@@ -38,9 +38,9 @@ from ingest.chain import IntakeChain
 from ingest.consumer import IntakeConfig, KafkaIntake
 from ingest.store import Classifier, LeadStore
 from leadflow.analytics import analytics_worker
-from leadflow.db import make_engine, upgrade
+from leadflow.db import check_database, make_engine, schema_version, upgrade
 from leadflow.embedded import EmbeddedServers
-from leadflow.errors import RoleFailed, StartupError
+from leadflow.errors import RoleFailed, ServiceUnavailable, StartupError
 from leadflow.kafka import ensure_topics
 from leadflow.logs import get_logger
 from leadflow.privacy import mask_text
@@ -48,6 +48,7 @@ from leadflow.rules import RulesHolder, watch_rules
 from leadflow.settings import QueueSettings, Settings, masked_url
 from leadflow.supervise import ChildSpec, Supervisor, SupervisorConfig
 from leadflow.web import WebContext, create_app, create_probe_app
+from schemas import migrate
 from schemas.lead import Classification, CustomerContext, Lead
 from sync.pollers import Poller, PollerConfig, SchedulerConfig, SchedulerService
 from sync.staging import LoaderConfig, StagingLoader
@@ -696,6 +697,29 @@ async def _wait_web(web_url: str, stop: asyncio.Event) -> bool:
     return False
 
 
+def require_schema(database_url: str) -> None:
+    """Refuse to start a role on a database behind this code's schema (a deployment whose
+    migration has not run yet): it would fail on the first table or column it lacks, in the
+    middle of its work. A database ahead of the code (a rolling upgrade migrated first) is left
+    to the old code while it drains, and one that does not answer to the role, which waits."""
+    engine = make_engine(database_url, pool_size=1)
+    try:
+        try:
+            check_database(engine)
+        except ServiceUnavailable:
+            return
+        current, head = schema_version(engine)
+    finally:
+        engine.dispose()
+    if current != head and (current is None or migrate.known(current)):
+        raise StartupError(
+            f"The database at {masked_url(database_url)} is at schema revision "
+            f"{current or 'none (leadflow never migrated it)'}; this leadflow needs {head}. Run "
+            "`leadflow db upgrade` first (`leadflow up` does it itself; on Kubernetes, the "
+            "migration Job)."
+        )
+
+
 def serve_role(settings: Settings, endpoints: Endpoints, role: str, announce: Announce) -> None:
     """`leadflow run ROLE`: one role against existing servers, until SIGINT/SIGTERM.
 
@@ -706,6 +730,8 @@ def serve_role(settings: Settings, endpoints: Endpoints, role: str, announce: An
         raise ValueError(f"role {role!r} is not built yet")
     structlog.contextvars.bind_contextvars(role=role)
     live = with_endpoints(settings, endpoints.database_url, endpoints.kafka_bootstrap)
+    assert live.database.url is not None
+    require_schema(live.database.url.get_secret_value())
     under_up = os.environ.get(UP_CHILD_ENV) == "1"
     inherited = os.environ.get(UP_WEB_FD_ENV)
     if under_up:  # `leadflow up` announces the whole stack once

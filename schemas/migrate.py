@@ -16,6 +16,7 @@ from alembic.config import Config
 from alembic.runtime.environment import NameFilterParentNames, NameFilterType
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
+from alembic.util.exc import CommandError
 from sqlalchemy import create_engine
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.pool import NullPool
@@ -74,6 +75,14 @@ def head() -> str:
     if revision is None:
         raise RuntimeError(f"no migrations found in {MIGRATIONS_DIR}")
     return revision
+
+
+def known(revision: str) -> bool:
+    """Whether this code ships `revision` (False for one a newer release added)."""
+    try:
+        return ScriptDirectory(str(MIGRATIONS_DIR)).get_revision(revision) is not None
+    except CommandError:
+        return False
 
 
 def revision(url: str, message: str, *, rev_id: str | None = None) -> Path:
