@@ -37,16 +37,13 @@ lint-imports
 echo "==> mypy (strict)"
 mypy
 
-# Two test processes (pytest-xdist), each with its own servers: most of the slow tests wait on
-# processes, brokers and timers rather than the CPU. LEADFLOW_TEST_WORKERS=0 runs them serially.
-workers=${LEADFLOW_TEST_WORKERS:-2}
-echo "==> unit, integration and end-to-end tests ($workers workers)"
-pytest -n "$workers" "$@"
+echo "==> unit, integration and end-to-end tests"
+pytest "$@"
 
 pg15=${LEADFLOW_TEST_PG15_URL:-postgresql://postgres@127.0.0.1:5432/test}
 if python -c "import psycopg, sys; psycopg.connect(sys.argv[1], connect_timeout=3).close()" "$pg15" 2>/dev/null; then
   echo "==> integration tests again on the machine's PostgreSQL ($pg15)"
-  LEADFLOW_TEST_DATABASE_URL=$pg15 pytest -n "$workers" tests/integration "$@"
+  LEADFLOW_TEST_DATABASE_URL=$pg15 pytest tests/integration "$@"
 elif [ "${CI:-}" = "true" ]; then
   echo "PostgreSQL at $pg15 does not answer; CI runs the integration tier on it too" >&2
   exit 1

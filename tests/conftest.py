@@ -85,7 +85,7 @@ def kafka_bootstrap(servers_dir: Path) -> Iterator[str]:
 
 @pytest.fixture(scope="session")
 def template_database(pg_admin_url: str) -> Iterator[str]:
-    """A database migrated to head once per test process; each test clones it (fast, isolated)."""
+    """A database migrated to head once per run; each test clones it (fast, isolated)."""
     name = f"lf_tpl_{uuid.uuid4().hex[:10]}"
     _create_database(pg_admin_url, name)
     try:

@@ -95,17 +95,21 @@ time.sleep(600)
 
 
 def test_kill_9_of_the_parent_leaves_no_server_behind(tmp_path: Path) -> None:
-    with subprocess.Popen(
-        [sys.executable, "-c", SCRIPT, str(tmp_path / "data")],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-        env={**os.environ, "PYTHONWARNINGS": "ignore"},
-    ) as parent:
+    errors = tmp_path / "parent.err"
+    with (
+        open(errors, "w") as stderr,
+        subprocess.Popen(
+            [sys.executable, "-c", SCRIPT, str(tmp_path / "data")],
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            text=True,
+            env={**os.environ, "PYTHONWARNINGS": "ignore"},
+        ) as parent,
+    ):
         try:
             assert parent.stdout is not None
             pids = [int(pid) for pid in parent.stdout.readline().split()]
-            assert len(pids) == 2
+            assert len(pids) == 2, errors.read_text()[-3000:]
             assert all(psutil.pid_exists(pid) for pid in pids)
             parent.send_signal(signal.SIGKILL)
             parent.wait(10)
