@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Self
 
 import phonenumbers
 import yaml
@@ -168,7 +168,30 @@ class TopicSettings(_Section):
     replication_factor: int = Field(default=1, ge=1, le=16)
 
 
-class IntakeSettings(_Section):
+class _GroupMember(_Section):
+    """A role that reads Kafka in a consumer group: how it stays a member."""
+
+    session_timeout: Duration = Field(
+        default=timedelta(seconds=10),
+        ge=timedelta(seconds=1),
+        description="A worker silent this long leaves the group and its partitions move on; "
+        "also how long a rebalance waits for the group's members to rejoin.",
+    )
+    heartbeat_interval: Duration = Field(
+        default=timedelta(seconds=3), ge=timedelta(milliseconds=100)
+    )
+
+    @model_validator(mode="after")
+    def _heartbeat_below_session(self) -> Self:
+        # Kafka drops a member that heartbeats less often than its session timeout.
+        if self.heartbeat_interval >= self.session_timeout:
+            raise ValueError(
+                "heartbeat_interval must be shorter than session_timeout (about a third of it)"
+            )
+        return self
+
+
+class IntakeSettings(_GroupMember):
     default_region: str = Field(
         default="CN",
         description="ISO 3166-1 region used to read phone numbers written without a country code.",
@@ -188,19 +211,6 @@ class IntakeSettings(_Section):
         description="How long a poll waits for records before handling what it has.",
     )
     retry_backoff_max: Duration = Field(default=timedelta(seconds=30), gt=timedelta(0))
-    session_timeout: Duration = Field(
-        default=timedelta(seconds=10),
-        ge=timedelta(seconds=1),
-        description="A worker silent this long leaves the group; its partitions move on.",
-    )
-    heartbeat_interval: Duration = Field(
-        default=timedelta(seconds=3), ge=timedelta(milliseconds=100)
-    )
-
-    @model_validator(mode="after")
-    def _heartbeat(self) -> IntakeSettings:
-        _heartbeat_below_session(self)
-        return self
 
     @field_validator("default_region")
     @classmethod
@@ -416,7 +426,7 @@ class AllocationSettings(_Section):
         return _known_timezone(value)
 
 
-class AnalyticsSettings(_Section):
+class AnalyticsSettings(_GroupMember):
     app_id: str = Field(
         default="leadflow-analytics",
         min_length=1,
@@ -432,28 +442,6 @@ class AnalyticsSettings(_Section):
         ge=timedelta(minutes=5),
         description="How long per-minute figures are kept (faust windows and stream_minutes).",
     )
-    session_timeout: Duration = Field(
-        default=timedelta(seconds=10),
-        ge=timedelta(seconds=1),
-        description="A worker silent this long leaves the group; also how long a rebalance "
-        "waits for the group's members to rejoin.",
-    )
-    heartbeat_interval: Duration = Field(
-        default=timedelta(seconds=3), ge=timedelta(milliseconds=100)
-    )
-
-    @model_validator(mode="after")
-    def _heartbeat(self) -> AnalyticsSettings:
-        _heartbeat_below_session(self)
-        return self
-
-
-def _heartbeat_below_session(section: IntakeSettings | AnalyticsSettings) -> None:
-    """Kafka drops a member that heartbeats less often than its session timeout."""
-    if section.heartbeat_interval >= section.session_timeout:
-        raise ValueError(
-            "heartbeat_interval must be shorter than session_timeout (about a third of it)"
-        )
 
 
 class RelaySettings(_Section):
