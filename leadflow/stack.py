@@ -455,7 +455,7 @@ async def _serve(
             if task.cancelled():
                 failed[task.get_name()] = "cancelled"
             elif (error := task.exception()) is not None:
-                failed[task.get_name()] = mask_text(repr(error))
+                failed[task.get_name()] = repr(error)  # masked by the log, like every field
             elif not stop.is_set():
                 failed[task.get_name()] = "ended by itself"
         for name, why in failed.items():
