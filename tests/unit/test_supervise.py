@@ -37,7 +37,12 @@ async def test_a_child_that_exits_is_restarted_with_growing_pauses(tmp_path: Pat
     stop = asyncio.Event()
     supervisor.start(python(code, "failing"))
     running = asyncio.create_task(supervisor.run(stop))
-    await until(lambda: starts.exists() and len(starts.read_text().split()) >= 6)
+    # Stop in a pause between runs: stopping a running child would end it by SIGTERM instead.
+    await until(
+        lambda: (
+            starts.exists() and len(starts.read_text().split()) >= 6 and not supervisor.running()
+        )
+    )
     stop.set()
     await running
 
